@@ -1,0 +1,98 @@
+"""Plain-tensor description of one layer's pruned cache, shared by the PyTorch path and the Triton kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Where each KV head's kept key channels live in a layer's packed middle-key store.
+
+    The middle keys of all heads of a layer are stored as one `[batch, tokens, C]` tensor whose columns are the kept
+    channels of head 0, then head 1, ...; `C` is the layer's total kept count. Values are stored only for heads that
+    keep at least one channel.
+
+    Attributes:
+        kept: per head, sorted kept channel indices, `[k_h]` long tensors.
+        offsets: `H + 1` ints; head `h` owns packed columns `[offsets[h], offsets[h + 1])`.
+        value_rows: per head, its row in the middle-value store, or -1 for a head that keeps nothing.
+        packed_index: `[C]` long, index of each packed column into the flattened `(head, channel)` axis.
+        value_heads: `[Hv]` long, the heads that have a middle-value row, in row order.
+    """
+
+    kept: tuple[torch.Tensor, ...]
+    offsets: tuple[int, ...]
+    value_rows: tuple[int, ...]
+    packed_index: torch.Tensor
+    value_heads: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> ChannelLayout:
+        """Build the layout of a `[kv_heads, head_dim]` boolean keep-mask, with index tensors on `device`."""
+        num_heads, head_dim = mask.shape
+        kept = tuple(mask[h].nonzero().flatten().to(device) for h in range(num_heads))
+        counts = [len(k) for k in kept]
+        offsets = tuple(int(sum(counts[:h])) for h in range(num_heads + 1))
+        value_heads = [h for h in range(num_heads) if counts[h] > 0]
+        value_rows = tuple(value_heads.index(h) if counts[h] > 0 else -1 for h in range(num_heads))
+        packed_index = torch.cat([k + h * head_dim for h, k in enumerate(kept)]) if kept else torch.empty(0)
+        return cls(
+            kept=kept,
+            offsets=offsets,
+            value_rows=value_rows,
+            packed_index=packed_index.long().to(device),
+            value_heads=torch.tensor(value_heads, dtype=torch.long, device=device),
+        )
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.kept)
+
+    @property
+    def packed_channels(self) -> int:
+        return self.offsets[-1]
+
+    def pack_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """`[B, H, n, D]` full keys → `[B, n, C]` kept channels packed by head."""
+        batch, heads, tokens, head_dim = keys.shape
+        flat = keys.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        return flat.index_select(-1, self.packed_index)
+
+    def select_values(self, values: torch.Tensor) -> torch.Tensor:
+        """`[B, H, n, D]` values → `[B, Hv, n, D]` of the heads that keep at least one channel."""
+        return values.index_select(1, self.value_heads)
+
+
+class PrunedKV(NamedTuple):
+    """One layer's stored LeanK cache as plain tensors (views of live tokens; B batch, H KV heads, D head_dim).
+
+    Tokens of a row are the union of three segments; within each, a flag says which slots hold a real token
+    (padding and tokens already counted as another row's sink are not).
+
+    Attributes:
+        sink_keys: `[B, H, S, D]` full keys of the first `sink` real tokens of each row.
+        sink_values: `[B, H, S, D]`.
+        sink_lengths: `[B]` int, slots `[0, len)` of row b's sink are filled.
+        middle_keys: `[B, M, C]` kept key channels, packed by head (see `ChannelLayout`).
+        middle_values: `[B, Hv, M, D]` values of the heads that keep at least one channel.
+        middle_valid: `[B, M]` bool.
+        recent_keys: `[B, H, W, D]` full keys of the recent window.
+        recent_values: `[B, H, W, D]`.
+        recent_valid: `[B, W]` bool.
+        layout: the layer's `ChannelLayout`.
+    """
+
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    sink_lengths: torch.Tensor
+    middle_keys: torch.Tensor
+    middle_values: torch.Tensor
+    middle_valid: torch.Tensor
+    recent_keys: torch.Tensor
+    recent_values: torch.Tensor
+    recent_valid: torch.Tensor
+    layout: ChannelLayout

@@ -1,0 +1,81 @@
+"""LeanK attention over a pruned cache in plain PyTorch: the CPU path and the source of truth for the kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import PrunedKV
+
+
+def leank_attention_reference(
+    query: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    new_valid: torch.Tensor | None,
+    cache: PrunedKV,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of this step's queries over a pruned cache plus this step's own keys.
+
+    Keys are the union of: the sink and recent tokens at full width, the middle tokens on their kept channels only
+    (heads that keep no channel skip their middle tokens: no weight at all, not a score of 0), and this step's new
+    tokens at full width, causally (query `i` sees new tokens `0..i`). Invalid slots get no weight; a query with no
+    valid key returns zeros. Scores follow eager attention's precision: products in the input dtype, softmax in fp32.
+
+    Args:
+        query: `[B, Hq, Q, D]`; the `Hq / H` query heads of a KV head are consecutive (GQA).
+        new_keys: `[B, H, Q, D]` keys of this step's tokens.
+        new_values: `[B, H, Q, D]`.
+        new_valid: `[B, Q]` bool, False for padding; None = all valid.
+        cache: the stored tokens, see `PrunedKV`.
+        scaling: multiplier of q·k (1/sqrt(D) for most models).
+
+    Returns:
+        `[B, Hq, Q, D]` attention output in the query dtype.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    num_heads = new_keys.shape[1]
+    group = num_q_heads // num_heads
+    layout = cache.layout
+    # Queries of one KV head as rows g * Q + i, so every K/V segment is read once per KV head.
+    q = query.reshape(batch, num_heads, group * q_len, head_dim)
+    device = query.device
+
+    sink_slots = cache.sink_keys.shape[2]
+    sink_valid = torch.arange(sink_slots, device=device) < cache.sink_lengths.to(device).unsqueeze(1)
+    query_pos = torch.arange(group * q_len, device=device) % q_len
+    causal = torch.arange(q_len, device=device) <= query_pos.unsqueeze(1)  # [GQ, Q]
+    new_ok = causal if new_valid is None else causal & new_valid.unsqueeze(1)  # [GQ,Q] or [B,GQ,Q]
+
+    full_scores = [
+        _masked(q @ cache.sink_keys.transpose(-1, -2), sink_valid[:, None, None, :]),
+        _masked(q @ cache.recent_keys.transpose(-1, -2), cache.recent_valid[:, None, None, :]),
+        _masked(q @ new_keys.transpose(-1, -2), new_ok.unsqueeze(-3) if new_ok.ndim == 3 else new_ok),
+    ]
+    middle_len = cache.middle_keys.shape[1]
+    middle_scores = torch.full((batch, num_heads, group * q_len, middle_len), -torch.inf, device=device)
+    for head in range(num_heads):
+        if layout.value_rows[head] < 0:
+            continue
+        start, end = layout.offsets[head], layout.offsets[head + 1]
+        q_kept = q[:, head].index_select(-1, layout.kept[head])  # [B, GQ, k_h]
+        middle_scores[:, head] = (q_kept @ cache.middle_keys[:, :, start:end].transpose(-1, -2)).float()
+    middle_scores = _masked(middle_scores, cache.middle_valid[:, None, None, :])
+
+    scores = torch.cat([full_scores[0], middle_scores, full_scores[1], full_scores[2]], dim=-1) * scaling
+    # A query row with no valid key (e.g. padding queries) would give NaN from softmax: give it zero weights.
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(scores.amax(-1, keepdim=True) > -torch.inf, probs, 0.0).to(new_values.dtype)
+    p_sink, p_mid, p_recent, p_new = probs.split([sink_slots, middle_len, cache.recent_keys.shape[2], q_len], dim=-1)
+
+    out = p_sink @ cache.sink_values + p_recent @ cache.recent_values + p_new @ new_values
+    for head in range(num_heads):
+        row = layout.value_rows[head]
+        if row >= 0:
+            out[:, head] += p_mid[:, head] @ cache.middle_values[:, row]
+    return out.reshape(batch, num_q_heads, q_len, head_dim).to(query.dtype)
+
+
+def _masked(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """fp32 scores with invalid slots at -inf."""
+    return scores.float().masked_fill(~valid, -torch.inf)

@@ -1,0 +1,21 @@
+"""LeanK for Hugging Face transformers: learnable K-cache channel pruning as a drop-in cache (arXiv 2508.02215)."""
+
+from .architectures import SUPPORTED_MODEL_TYPES, ModelSpec
+from .attention import register
+from .cache import LeanKCache
+from .masks import LeanKMasks
+from .memory import LayerMemory, MemoryReport
+from .selection import select_channels
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "LayerMemory",
+    "LeanKCache",
+    "LeanKMasks",
+    "MemoryReport",
+    "ModelSpec",
+    "register",
+    "select_channels",
+]

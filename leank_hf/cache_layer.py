@@ -1,0 +1,318 @@
+"""`LeanKLayer`: one layer's pruned KV store (sink, pruned middle, full-width recent window)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .kernels import ChannelLayout, PrunedKV
+from .memory import LayerMemory, held_bytes
+
+# Stores grow by this share of their size (rounded up to whole flush blocks): amortised O(1) copies per token,
+# while capacity reserved but not yet used stays around 6 % of what is held.
+_GROWTH_FRACTION = 1 / 16
+
+_NOT_LEANK_ATTENTION = (
+    "a LeanKCache handed its keys to an attention function other than LeanK's. The model's attn_implementation "
+    "must be 'leank' while a LeanKCache is in use: build the cache with LeanKCache(masks, model) or "
+    "LeanKCache.from_pretrained(repo, model), which sets it, and do not change it afterwards."
+)
+
+
+class PendingStep:
+    """This step's new keys and values, handed by `LeanKLayer.update` to the LeanK attention function.
+
+    They are stored only after attention ran (`LeanKLayer.commit`), because attention needs the cache as it was
+    before the step, and the padding of the new tokens, which only the attention mask carries.
+    """
+
+    __slots__ = ("keys", "layer", "values")
+
+    def __init__(self, layer: LeanKLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.layer, self.keys, self.values = layer, keys, values
+
+    def __getattr__(self, name: str):
+        # Reached only for attributes a PendingStep lacks, e.g. `.shape` from a non-LeanK attention function.
+        raise AttributeError(f"PendingStep has no attribute {name!r}: {_NOT_LEANK_ATTENTION}")
+
+
+class LeanKLayer(CacheLayerMixin):
+    """One layer's LeanK cache.
+
+    Per row, the first `sink` real tokens keep full keys and values; the latest tokens (the recent window, between
+    `recent` and `recent + block_size - 1` of them) too; tokens in between keep only their kept key channels, and
+    their values only for heads that keep at least one channel. Tokens leave the window `block_size` at a time.
+    Left padding is tracked per row: padding never gets attention weight and never takes a sink slot.
+
+    Args:
+        channel_mask: `[kv_heads, head_dim]` bool, True = keep the key channel.
+        sink: leading real tokens per row kept at full width.
+        recent: latest tokens kept at full width.
+        block_size: tokens moved out of the recent window at a time.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    # `crop` can only drop tokens that are still in the full-width recent window.
+    is_croppable = False
+
+    def __init__(self, channel_mask: torch.Tensor, sink: int, recent: int, block_size: int) -> None:
+        super().__init__()
+        self.channel_mask = channel_mask.bool()
+        self.sink, self.recent, self.block_size = sink, recent, block_size
+        self._clear()
+
+    def _clear(self) -> None:
+        self.is_initialized = False
+        self.seq_len = 0
+        self._pending: PendingStep | None = None
+        self._window = 0  # tokens in the recent window
+        self._middle = 0  # stored middle columns
+        self._sink_slots = 0  # max filled sink slots over the rows
+        self.sink_keys = self.sink_values = self.sink_lengths = None
+        self.middle_keys = self.middle_values = self.middle_valid = None
+        self.recent_keys = self.recent_values = self.recent_valid = None
+
+    # ----------------------------------------------------------------------------------------------- HF API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        if (heads, head_dim) != tuple(self.channel_mask.shape):
+            raise ValueError(
+                f"this layer's LeanK mask covers {self.channel_mask.shape[0]} KV heads x {self.channel_mask.shape[1]} "
+                f"channels, but the model produced keys for {heads} KV heads x {head_dim} channels; "
+                "use masks made for this model"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = batch
+        self.layout = ChannelLayout.from_mask(self.channel_mask, self.device)
+        kv_kwargs = {"dtype": self.dtype, "device": self.device}
+        self.sink_keys = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
+        self.sink_values = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
+        self.sink_lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.middle_keys = torch.empty(batch, 0, self.layout.packed_channels, **kv_kwargs)
+        self.middle_values = torch.empty(batch, len(self.layout.value_heads), 0, head_dim, **kv_kwargs)
+        self.middle_valid = torch.empty(batch, 0, dtype=torch.bool, device=self.device)
+        self.recent_keys = torch.empty(batch, heads, 0, head_dim, **kv_kwargs)
+        self.recent_values = torch.empty(batch, heads, 0, head_dim, **kv_kwargs)
+        self.recent_valid = torch.empty(batch, 0, dtype=torch.bool, device=self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[PendingStep, PendingStep]:
+        """Stage this step's post-RoPE keys/values `[B, H, Q, D]`; the LeanK attention function stores them."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.batch_size:
+            raise ValueError(
+                f"this LeanKCache holds {self.batch_size} sequences but got a batch of {key_states.shape[0]}: a "
+                "filled cache cannot be reused with another batch size. Use a fresh cache "
+                "(LeanKCache.from_pretrained(...) returns a new one each call) or call cache.reset() first."
+            )
+        if self._pending is not None:
+            raise RuntimeError(
+                f"LeanKLayer.update was called twice without attention in between: {_NOT_LEANK_ATTENTION}"
+            )
+        self._pending = PendingStep(self, key_states, value_states)
+        self.seq_len += key_states.shape[2]
+        return self._pending, self._pending
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seq_len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens; only tokens still in the full-width recent window can go."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes a negative number of tokens to remove, got {tokens_to_remove}; to keep the first N tokens "
+                "call crop(N - cache.get_seq_length())"
+            )
+        count = -tokens_to_remove
+        if count == 0 or not self.is_initialized:
+            return
+        if count > self._window:
+            raise ValueError(
+                f"LeanKCache can only roll back tokens still in its full-width recent window ({self._window} now); "
+                f"{count} were asked. Older tokens were already pruned. Use a larger `recent`, or a DynamicCache for "
+                "decoding strategies that roll back further."
+            )
+        self._window -= count
+        self.seq_len -= count
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def offload(self) -> None:
+        raise NotImplementedError("LeanKCache does not support offloading its layers to the CPU")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("LeanKCache does not support offloading its layers to the CPU")
+
+    # -------------------------------------------------------------------------------------- LeanK storage
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens stored before the pending step (0 means the next attention is a prefill)."""
+        pending = self._pending.keys.shape[2] if self._pending is not None else 0
+        return self.seq_len - pending
+
+    def view(self) -> PrunedKV:
+        """The stored tokens as plain tensors (live slices, no copies)."""
+        return PrunedKV(
+            sink_keys=self.sink_keys[:, :, : self._sink_slots],
+            sink_values=self.sink_values[:, :, : self._sink_slots],
+            sink_lengths=self.sink_lengths,
+            middle_keys=self.middle_keys[:, : self._middle],
+            middle_values=self.middle_values[:, :, : self._middle],
+            middle_valid=self.middle_valid[:, : self._middle],
+            recent_keys=self.recent_keys[:, :, : self._window],
+            recent_values=self.recent_values[:, :, : self._window],
+            recent_valid=self.recent_valid[:, : self._window],
+            layout=self.layout,
+        )
+
+    def commit(self, step: PendingStep, valid: torch.Tensor | None) -> None:
+        """Store `step`'s tokens after attention used them; `valid` `[B, Q]` is False for padding (None = all real)."""
+        if step is not self._pending:
+            raise RuntimeError("LeanKLayer.commit got a step this layer did not stage")
+        self._pending = None
+        keys, values = step.keys, step.values
+        if valid is None:
+            valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+        total = self._window + keys.shape[2]
+        if total < self.recent + self.block_size:
+            self._write_window(keys, values, valid, start=self._window)
+            return
+        # The window overflows: all but the latest `recent` tokens leave it.
+        if self._window:
+            keys = torch.cat([self.recent_keys[:, :, : self._window], keys], dim=2)
+            values = torch.cat([self.recent_values[:, :, : self._window], values], dim=2)
+            valid = torch.cat([self.recent_valid[:, : self._window], valid], dim=1)
+        leaving = total - self.recent
+        self._flush(keys[:, :, :leaving], values[:, :, :leaving], valid[:, :leaving])
+        self._window = 0
+        self._write_window(keys[:, :, leaving:], values[:, :, leaving:], valid[:, leaving:], start=0)
+
+    def _write_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, start: int) -> None:
+        end = start + keys.shape[2]
+        limit = self.recent + self.block_size - 1
+        self.recent_keys = _grown(self.recent_keys, 2, self._window, end, self.block_size, limit)
+        self.recent_values = _grown(self.recent_values, 2, self._window, end, self.block_size, limit)
+        self.recent_valid = _grown(self.recent_valid, 1, self._window, end, self.block_size, limit)
+        self.recent_keys[:, :, start:end] = keys
+        self.recent_values[:, :, start:end] = values
+        self.recent_valid[:, start:end] = valid
+        self._window = end
+
+    def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Move tokens `[B, H, n, D]` out of the window:
+
+        a row's first `sink` real tokens to its sink, others to the middle store."""
+        rank = self.sink_lengths.unsqueeze(1) + valid.long().cumsum(1) - 1  # real-token rank within the row
+        to_sink = valid & (rank < self.sink)
+        to_middle = valid & ~to_sink
+        if self.sink and bool(to_sink.any()):
+            if self.sink_keys.shape[2] == 0:
+                # Zeros, not empty: rows with fewer sink tokens than others read unfilled slots (with zero weight).
+                self.sink_keys = self.sink_keys.new_zeros(*self.sink_keys.shape[:2], self.sink, self.sink_keys.shape[3])
+                self.sink_values = torch.zeros_like(self.sink_keys)
+            rows, cols = to_sink.nonzero(as_tuple=True)
+            slots = rank[rows, cols]
+            self.sink_keys[rows, :, slots] = keys[rows, :, cols]
+            self.sink_values[rows, :, slots] = values[rows, :, cols]
+            self.sink_lengths += to_sink.sum(1)
+            self._sink_slots = int(self.sink_lengths.max())
+        has_middle = to_middle.any(0)
+        if self.layout.packed_channels == 0 or not bool(has_middle.any()):
+            return  # every head prunes everything (nothing would ever read these tokens), or no middle token
+        # Leading columns that are sink or padding in every row are not stored.
+        first = int(has_middle.nonzero()[0])
+        keys, values, to_middle = keys[:, :, first:], values[:, :, first:], to_middle[:, first:]
+        start, end = self._middle, self._middle + keys.shape[2]
+        self.middle_keys = _grown(self.middle_keys, 1, start, end, self.block_size)
+        self.middle_values = _grown(self.middle_values, 2, start, end, self.block_size)
+        self.middle_valid = _grown(self.middle_valid, 1, start, end, self.block_size)
+        self.middle_keys[:, start:end] = self.layout.pack_keys(keys)
+        self.middle_values[:, :, start:end] = self.layout.select_values(values)
+        self.middle_valid[:, start:end] = to_middle
+        self._middle = end
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-axis transform (beam reorder, repeat, select) to every stored tensor."""
+        if not self.is_initialized:
+            return
+        if self._pending is not None:
+            raise RuntimeError("cannot reorder a LeanKCache in the middle of a forward pass")
+        for name in (
+            "sink_keys", "sink_values", "sink_lengths", "middle_keys", "middle_values", "middle_valid",
+            "recent_keys", "recent_values", "recent_valid",
+        ):  # fmt: skip
+            setattr(self, name, fn(getattr(self, name)))
+        self.batch_size = self.sink_lengths.shape[0]
+        self._sink_slots = int(self.sink_lengths.max()) if self.batch_size else 0
+
+    # --------------------------------------------------------------------------------------------- memory
+    def memory(self, layer_idx: int) -> LayerMemory:
+        """Bytes this layer holds, and what a `DynamicLayer` would hold for the same tokens."""
+        if not self.is_initialized:
+            return LayerMemory(layer_idx, "leank", 0, 0, 0, 0, 0)
+        key_bytes = held_bytes(self.sink_keys, self.middle_keys, self.recent_keys)
+        value_bytes = held_bytes(self.sink_values, self.middle_values, self.recent_values)
+        other_bytes = held_bytes(self.sink_lengths, self.middle_valid, self.recent_valid)
+        live = (
+            _live_bytes(self.sink_keys, 2, self._sink_slots) * 2
+            + _live_bytes(self.middle_keys, 1, self._middle)
+            + _live_bytes(self.middle_values, 2, self._middle)
+            + _live_bytes(self.middle_valid, 1, self._middle)
+            + _live_bytes(self.recent_keys, 2, self._window) * 2
+            + _live_bytes(self.recent_valid, 1, self._window)
+            + held_bytes(self.sink_lengths)
+        )
+        batch, heads, _, head_dim = self.recent_keys.shape
+        dense = 2 * batch * heads * self.seq_len * head_dim * self.recent_keys.element_size()
+        total = key_bytes + value_bytes + other_bytes
+        return LayerMemory(layer_idx, "leank", key_bytes, value_bytes, other_bytes, total - live, dense)
+
+
+def _live_bytes(tensor: torch.Tensor, dim: int, used: int) -> int:
+    return tensor.numel() // max(tensor.shape[dim], 1) * used * tensor.element_size()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _grown(
+    tensor: torch.Tensor, dim: int, used: int, needed: int, block: int, limit: int | None = None
+) -> torch.Tensor:
+    """`tensor` with room for `needed` entries along `dim`, keeping the first `used`.
+
+    Capacity grows by about `_GROWTH_FRACTION` of itself, in whole blocks, capped at `limit` (a fixed-size window).
+    """
+    capacity = tensor.shape[dim]
+    if needed <= capacity:
+        return tensor
+    new_capacity = _round_up(max(needed, int(capacity * (1 + _GROWTH_FRACTION))), block)
+    if limit is not None:
+        new_capacity = max(needed, min(new_capacity, limit))
+    shape = list(tensor.shape)
+    shape[dim] = new_capacity
+    grown = tensor.new_empty(shape)
+    grown.narrow(dim, 0, used).copy_(tensor.narrow(dim, 0, used))
+    return grown

@@ -1,0 +1,126 @@
+"""Training-free masks: score post-RoPE key channels by mean |q_c| · mean |k_c| over calibration text."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .architectures import ModelSpec
+from .attention import new_token_validity
+from .masks import LeanKMasks
+from .selection import select_channels
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_CALIBRATION_IMPLEMENTATION = "leank_calibration"
+_active_stats: contextvars.ContextVar[ChannelStats | None] = contextvars.ContextVar("leank_calibration", default=None)
+
+
+class ChannelStats:
+    """Running sums of |q| and |k| per layer, KV head and channel over real (non-padding) tokens."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        self.abs_query = torch.zeros(shape, dtype=torch.float64)
+        self.abs_key = torch.zeros(shape, dtype=torch.float64)
+        self.tokens = torch.zeros(spec.num_layers, dtype=torch.float64)
+        self.layers = set(spec.leank_layers)
+
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Accumulate `query` `[B, Hq, T, D]` and `key` `[B, H, T, D]`; `valid` `[B, T]` (None = all real)."""
+        if layer not in self.layers:
+            return
+        batch, heads, tokens, head_dim = key.shape
+        # |q| averaged over the query heads that share a KV head.
+        abs_q = query.detach().abs().float().reshape(batch, heads, -1, tokens, head_dim).mean(2)
+        abs_k = key.detach().abs().float()
+        weight = torch.ones(batch, tokens, device=key.device) if valid is None else valid.float()
+        weight = weight[:, None, :, None]
+        self.abs_query[layer] += (abs_q * weight).sum((0, 2)).double().cpu()
+        self.abs_key[layer] += (abs_k * weight).sum((0, 2)).double().cpu()
+        self.tokens[layer] += float(weight.sum())
+
+    def scores(self) -> torch.Tensor:
+        """`[layers, kv_heads, head_dim]` mean |q_c| · mean |k_c|."""
+        count = self.tokens.clamp(min=1)[:, None, None]
+        return (self.abs_query / count) * (self.abs_key / count)
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    stats = _active_stats.get()
+    if stats is not None:
+        stats.add(module.layer_idx, query, key, new_token_validity(attention_mask, key.shape[2], key.shape[0]))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def recording(model: PreTrainedModel, spec: ModelSpec) -> Iterator[ChannelStats]:
+    """Within the block, forwards of `model` add their post-RoPE q/k magnitudes to the yielded `ChannelStats`."""
+    AttentionInterface.register(_CALIBRATION_IMPLEMENTATION, _recording_attention)
+    AttentionMaskInterface.register(_CALIBRATION_IMPLEMENTATION, sdpa_mask)
+    previous = model.config._attn_implementation
+    stats = ChannelStats(spec)
+    token = _active_stats.set(stats)
+    model.set_attn_implementation(_CALIBRATION_IMPLEMENTATION)
+    try:
+        yield stats
+    finally:
+        model.set_attn_implementation(previous)
+        _active_stats.reset(token)
+
+
+def calibrate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor | list[str],
+    keep_ratio: float,
+    align: int,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 1,
+    **config: Any,
+) -> LeanKMasks:
+    """Implementation of `LeanKMasks.from_calibration` (see there)."""
+    spec = ModelSpec.from_config(model.config)
+    input_ids, attention_mask = _as_token_batch(input_ids, attention_mask, tokenizer)
+    device = next(model.parameters()).device
+    with torch.no_grad(), recording(model, spec) as stats:
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="LeanK calibration", unit="batch"):
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    mask = select_channels(stats.scores(), keep_ratio, align, layers=spec.leank_layers)
+    config.setdefault("base_model", getattr(model.config, "_name_or_path", None) or None)
+    method = {
+        "name": "calibration",
+        "score": "mean|q_c| * mean|k_c| over real tokens, q averaged over the KV group",
+        "keep_ratio": keep_ratio,
+        "tokens": int(stats.tokens.max()),
+    }
+    return LeanKMasks(mask, align=align, layer_types=spec.layer_types, method=method, **config)
+
+
+def _as_token_batch(
+    input_ids: torch.Tensor | list[str],
+    attention_mask: torch.Tensor | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(input_ids, (list, tuple)):
+        if tokenizer is None:
+            raise ValueError("from_calibration got text; pass tokenizer= to tokenize it (or pass token ids)")
+        encoded = tokenizer(list(input_ids), return_tensors="pt", padding=True)
+        return encoded["input_ids"], encoded["attention_mask"]
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        raise ValueError("input_ids must be a [batch, tokens] LongTensor of calibration text (or a list of strings)")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    return input_ids, attention_mask

@@ -1,0 +1,330 @@
+"""`LeanKMasks`: the static per-layer, per-KV-head key-channel masks and the window settings that go with them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .architectures import LEANK_LAYER_TYPE, ModelSpec
+from .io import read_json, read_safetensors, write_json, write_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+CONFIG_NAME = "leank_config.json"
+MASKS_NAME = "leank_masks.safetensors"
+FORMAT_VERSION = 1
+_MASK_TENSOR = "channel_mask"
+
+
+@dataclass(frozen=True, eq=False)
+class LeanKMasks:
+    """Binary keep-masks over the post-RoPE key channels of every layer and KV head, plus the cache windows.
+
+    At decode, the first `sink` tokens and the latest `recent` tokens of a sequence keep full keys and values;
+    tokens in between keep only the masked-in key channels. A head with no kept channel drops its middle tokens
+    (keys and values) entirely. Tokens leave the recent window in blocks of `block_size`.
+
+    Args:
+        channel_mask: `[layers, kv_heads, head_dim]` bool (or 0/1 integer) tensor, True = keep. The channel index
+            is that of transformers' `rotate_half` layout after RoPE (channel `i` pairs with `i + head_dim/2`).
+        sink: leading tokens per sequence that keep full keys (paper: 64).
+        recent: latest tokens per sequence that keep full keys (paper's training setting: 256).
+        block_size: tokens moved from the recent window to the pruned store at a time.
+        align: every head keeps a multiple of this many channels (the decode kernel reads channel tiles of it).
+        layer_types: per layer, transformers' layer type; only ``"full_attention"`` layers are pruned, others
+            (e.g. Gemma3's sliding layers) keep their own cache and must keep every channel. `None` = all full.
+        base_model: Hub id of the model the masks were made for, if known.
+        base_model_revision: its revision, if known.
+        method: how the masks were made (``{"name": "calibration", ...}``), stored in the mask repo.
+    """
+
+    channel_mask: torch.Tensor
+    sink: int = 64
+    recent: int = 256
+    block_size: int = 64
+    align: int = 16
+    layer_types: tuple[str, ...] | None = None
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        mask = self.channel_mask
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 3:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"channel_mask must be a [layers, kv_heads, head_dim] tensor, got {shape}")
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("channel_mask must be boolean or hold only 0 and 1 (1 = keep the channel)")
+            mask = mask.bool()
+        object.__setattr__(self, "channel_mask", mask.detach().cpu().contiguous())
+        layer_types = tuple(self.layer_types) if self.layer_types is not None else None
+        object.__setattr__(self, "layer_types", layer_types)
+        object.__setattr__(self, "method", dict(self.method))
+        validate_windows(self.sink, self.recent, self.block_size)
+        self._validate_alignment()
+        if layer_types is not None:
+            if len(layer_types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types has {len(layer_types)} entries but the mask has {self.num_layers} layers"
+                )
+            unpruned = [
+                i for i, t in enumerate(layer_types) if t != LEANK_LAYER_TYPE and not self.channel_mask[i].all()
+            ]
+            if unpruned:
+                raise ValueError(
+                    f"layers {unpruned} are not full-attention layers ({layer_types[unpruned[0]]!r}); LeanK leaves "
+                    "their cache alone, so their masks must keep every channel"
+                )
+
+    def _validate_alignment(self) -> None:
+        if not isinstance(self.align, int) or self.align <= 0:
+            raise ValueError(f"align must be a positive integer, got {self.align!r}")
+        if self.head_dim % self.align:
+            raise ValueError(
+                f"head_dim {self.head_dim} is not divisible by the alignment {self.align}; "
+                f"use an align that divides head_dim (e.g. 16)"
+            )
+        counts = self.kept_counts
+        bad = (counts % self.align != 0).nonzero()
+        if len(bad):
+            layer, head = bad[0].tolist()
+            raise ValueError(
+                f"layer {layer} head {head} keeps {int(counts[layer, head])} channels, not a multiple of the "
+                f"alignment {self.align}; re-select the masks with this alignment (see leank_hf.select_channels)"
+            )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LeanKMasks):
+            return NotImplemented
+        return self.to_config_dict() == other.to_config_dict() and torch.equal(self.channel_mask, other.channel_mask)
+
+    __hash__ = object.__hash__
+
+    # ----------------------------------------------------------------------------------------------- shape
+    @property
+    def num_layers(self) -> int:
+        return self.channel_mask.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.channel_mask.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.channel_mask.shape[2]
+
+    @property
+    def pruned_layers(self) -> list[int]:
+        """Layers whose cache LeanK prunes."""
+        if self.layer_types is None:
+            return list(range(self.num_layers))
+        return [i for i, t in enumerate(self.layer_types) if t == LEANK_LAYER_TYPE]
+
+    @property
+    def kept_counts(self) -> torch.Tensor:
+        """`[layers, kv_heads]` number of kept channels."""
+        return self.channel_mask.sum(-1)
+
+    @property
+    def keep_ratio(self) -> float:
+        """Share of key channels kept over the pruned layers."""
+        pruned = self.channel_mask[self.pruned_layers]
+        return float(pruned.float().mean()) if pruned.numel() else 1.0
+
+    def kept_channels(self, layer: int, head: int) -> torch.Tensor:
+        """Sorted indices of the key channels that `head` of `layer` keeps."""
+        return self.channel_mask[layer, head].nonzero().flatten()
+
+    def to_dense(self) -> torch.BoolTensor:
+        """`[layers, kv_heads, head_dim]` boolean keep-mask (True = kept)."""
+        return self.channel_mask.clone()
+
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, **config: Any) -> LeanKMasks:
+        """Build masks from a `[layers, kv_heads, head_dim]` keep-mask; `config` sets the other fields."""
+        return cls(channel_mask=mask, **config)
+
+    def replace(self, **changes: Any) -> LeanKMasks:
+        """A copy with some fields changed (e.g. ``masks.replace(recent=768)``), validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def check_compatible(self, spec: ModelSpec) -> None:
+        """Raise a `ValueError` naming both sides if these masks do not fit the model described by `spec`."""
+        expected = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        if tuple(self.channel_mask.shape) != expected:
+            raise ValueError(
+                f"these LeanK masks have shape [layers, kv_heads, head_dim] = {list(self.channel_mask.shape)} but "
+                f"{spec.architecture} has {list(expected)}; use masks made for this model "
+                f"(base model of these masks: {self.base_model or 'unknown'})"
+            )
+        if self.layer_types is not None and tuple(self.layer_types) != tuple(spec.layer_types):
+            raise ValueError(
+                f"these LeanK masks were made for layer types {list(self.layer_types)} but {spec.architecture} "
+                f"has {list(spec.layer_types)}; use masks made for this model"
+            )
+        sliding_pruned = [
+            i for i, t in enumerate(spec.layer_types) if t != LEANK_LAYER_TYPE and not self.channel_mask[i].all()
+        ]
+        if sliding_pruned:
+            raise ValueError(
+                f"layers {sliding_pruned} of {spec.architecture} are {spec.layer_types[sliding_pruned[0]]!r} layers, "
+                "which keep their own cache; their masks must keep every channel"
+            )
+
+    # ------------------------------------------------------------------------------------------ creation
+    @classmethod
+    def from_calibration(
+        cls,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor | list[str],
+        keep_ratio: float = 0.3,
+        align: int = 16,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int = 1,
+        **config: Any,
+    ) -> LeanKMasks:
+        """Training-free masks: keep the channels with the largest mean |q_c| · mean |k_c| on calibration text.
+
+        Each post-RoPE key channel `c` of a KV head is scored by the mean absolute key value times the mean
+        absolute query value (averaged over the query heads that share the KV head) over all non-padding tokens;
+        the top channels are kept globally with per-head counts rounded to `align` (see `select_channels`).
+
+        Args:
+            model: a supported causal LM.
+            input_ids: `[batch, tokens]` LongTensor of calibration text, or a list of strings with `tokenizer`.
+            keep_ratio: share of key channels to keep; 1.0 keeps every channel.
+            align: per-head kept counts are multiples of this.
+            tokenizer: needed when `input_ids` is a list of strings.
+            attention_mask: `[batch, tokens]` padding mask for `input_ids`, 1 = real token.
+            batch_size: sequences per forward pass.
+            **config: other `LeanKMasks` fields (`sink`, `recent`, `block_size`, `base_model`, ...).
+        """
+        from .calibration import calibrate
+
+        return calibrate(
+            model,
+            input_ids,
+            keep_ratio=keep_ratio,
+            align=align,
+            tokenizer=tokenizer,
+            attention_mask=attention_mask,
+            batch_size=batch_size,
+            **config,
+        )
+
+    # ------------------------------------------------------------------------------------------------ I/O
+    def to_config_dict(self) -> dict[str, Any]:
+        """The `leank_config.json` content (without the checksum of the masks file)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "base_model": self.base_model,
+            "base_model_revision": self.base_model_revision,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "layer_types": list(self.layer_types) if self.layer_types is not None else None,
+            "sink": self.sink,
+            "recent": self.recent,
+            "block_size": self.block_size,
+            "align": self.align,
+            "keep_ratio": round(self.keep_ratio, 6),
+            "method": self.method,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `leank_config.json` and `leank_masks.safetensors` into `save_directory`.
+
+        Each file is written to a temporary name and renamed into place; the config (written last) holds the
+        masks file's SHA-256, so an interrupted save is detected on load instead of loading mismatched files.
+        """
+        save_directory = Path(save_directory)
+        masks_path = save_directory / MASKS_NAME
+        write_safetensors(
+            masks_path,
+            {_MASK_TENSOR: self.channel_mask.to(torch.uint8)},
+            metadata={"format": "pt", "source_model": self.base_model or ""},
+        )
+        config = self.to_config_dict()
+        config["masks_sha256"] = _sha256(masks_path)
+        write_json(save_directory / CONFIG_NAME, config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | os.PathLike, **overrides: Any) -> LeanKMasks:
+        """Load masks saved by `save_pretrained` from a local directory.
+
+        Loaded masks are memoised (keyed by path and file modification times), so loading again costs nothing.
+        `overrides` replace saved fields, e.g. ``recent=768``.
+        """
+        directory = Path(pretrained)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no LeanK mask directory at {str(pretrained)!r}")
+        config_path, masks_path = directory / CONFIG_NAME, directory / MASKS_NAME
+        for path in (config_path, masks_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{directory} is not a LeanK mask repo: {path.name} is missing")
+        key = (str(directory.resolve()), config_path.stat().st_mtime_ns, masks_path.stat().st_mtime_ns)
+        masks = _load_directory(*key)
+        return masks.replace(**overrides) if overrides else masks
+
+
+def validate_windows(sink: int, recent: int, block_size: int) -> None:
+    """Raise a clear error for window settings out of range."""
+    for name, value, low in (("sink", sink, 0), ("recent", recent, 0), ("block_size", block_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _load_directory(directory: str, _config_mtime: int, _masks_mtime: int) -> LeanKMasks:
+    directory_path = Path(directory)
+    config = read_json(directory_path / CONFIG_NAME)
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{directory_path / CONFIG_NAME} has format_version {version!r}; this leank-hf reads version "
+            f"{FORMAT_VERSION}. Upgrade leank-hf or re-save the masks with this version."
+        )
+    masks_path = directory_path / MASKS_NAME
+    expected_sha = config.get("masks_sha256")
+    if expected_sha is not None and expected_sha != _sha256(masks_path):
+        raise ValueError(
+            f"{masks_path} does not match the checksum in {CONFIG_NAME}: the repo was modified or half-written; "
+            "re-save or re-download it"
+        )
+    tensors = read_safetensors(masks_path)
+    if _MASK_TENSOR not in tensors:
+        raise ValueError(f"{masks_path} holds no {_MASK_TENSOR!r} tensor (found {sorted(tensors)})")
+    mask = tensors[_MASK_TENSOR]
+    declared = [config.get("num_layers"), config.get("num_kv_heads"), config.get("head_dim")]
+    if list(mask.shape) != declared:
+        raise ValueError(f"{masks_path} holds a mask of shape {list(mask.shape)} but {CONFIG_NAME} declares {declared}")
+    layer_types = config.get("layer_types")
+    try:
+        return LeanKMasks(
+            channel_mask=mask,
+            sink=config.get("sink", 64),
+            recent=config.get("recent", 256),
+            block_size=config.get("block_size", 64),
+            align=config.get("align", 16),
+            layer_types=tuple(layer_types) if layer_types is not None else None,
+            base_model=config.get("base_model"),
+            base_model_revision=config.get("base_model_revision"),
+            method=config.get("method") or {},
+        )
+    except ValueError as err:
+        raise ValueError(f"invalid LeanK mask repo {directory_path}: {err}") from err

@@ -1,0 +1,216 @@
+"""LeanKLayer + the LeanK attention function against the dense definition, across many flush boundaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.masking_utils import sdpa_mask
+
+from leank_hf.attention import leank_attention_forward
+from leank_hf.cache_layer import LeanKLayer
+from leank_hf.memory import held_bytes
+
+from .dense_reference import dense_leank_attention, window_sizes
+from .tolerances import assert_close
+
+
+class FakeAttention(torch.nn.Module):
+    """What transformers' SDPA function reads from an attention module."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def random_mask(heads: int, head_dim: int, align: int, generator: torch.Generator, prune_head: int | None = 0):
+    """Random keep-mask with aligned per-head counts (0 to head_dim) and optionally one fully pruned head."""
+    mask = torch.zeros(heads, head_dim, dtype=torch.bool)
+    for h in range(heads):
+        units = int(torch.randint(0, head_dim // align + 1, (1,), generator=generator))
+        if h == prune_head:
+            units = 0
+        elif units == 0:
+            units = 1
+        mask[h, torch.randperm(head_dim, generator=generator)[: units * align]] = True
+    return mask
+
+
+def drive_layer(
+    layer: LeanKLayer,
+    step_lengths: list[int],
+    left_pad: list[int],
+    num_q_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+):
+    """Feed random steps through `layer` via the attention function; yield (step, output, expected, query_valid)."""
+    batch, heads = len(left_pad), layer.channel_mask.shape[0]
+    total = sum(step_lengths)
+    keys = torch.randn(batch, heads, total, head_dim, generator=generator).to(dtype)
+    values = torch.randn(batch, heads, total, head_dim, generator=generator).to(dtype)
+    queries = torch.randn(batch, num_q_heads, total, head_dim, generator=generator).to(dtype)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    for row, pad in enumerate(left_pad):
+        valid[row, :pad] = False
+    module = FakeAttention(num_q_heads // heads)
+    scaling = head_dim**-0.5
+    start = 0
+    windows = window_sizes(step_lengths, layer.recent, layer.block_size)
+    for index, (n, window) in enumerate(zip(step_lengths, windows, strict=True)):
+        end = start + n
+        step, _ = layer.update(keys[:, :, start:end], values[:, :, start:end], 0)
+        mask = sdpa_mask(
+            batch_size=batch, q_length=n, kv_length=end, q_offset=start, attention_mask=valid[:, :end],
+            allow_is_causal_skip=False,
+        )  # fmt: skip
+        output, weights = leank_attention_forward(module, queries[:, :, start:end], step, step, mask, scaling=scaling)
+        assert weights is None
+        expected = dense_leank_attention(
+            queries[:, :, start:end], keys[:, :, :end], values[:, :, :end], valid[:, :end], start, window,
+            layer.channel_mask, layer.sink, scaling,
+        )  # fmt: skip
+        yield index, output.transpose(1, 2), expected, valid[:, start:end]
+        start = end
+
+
+CASES = [
+    # (sink, recent, block, steps, left padding per row, q heads, kv heads, head_dim, align)
+    pytest.param(4, 8, 4, [20] + [1] * 30, [0], 4, 2, 32, 8, id="bs1-gqa2"),
+    pytest.param(4, 8, 4, [21] + [1] * 25, [0, 3, 9], 8, 2, 32, 8, id="left-pad-longer-than-sink"),
+    pytest.param(3, 5, 3, [7, 1, 1, 4, 1, 1, 9, 1, 1, 1], [2, 0], 3, 3, 48, 16, id="multi-token-steps-mha"),
+    pytest.param(0, 6, 2, [13] + [1] * 12, [0, 5], 8, 1, 16, 16, id="no-sink-mqa"),
+    pytest.param(4, 0, 3, [10] + [1] * 10, [1, 0], 4, 2, 32, 8, id="no-recent"),
+    pytest.param(8, 16, 8, [5] + [1] * 30, [0, 2], 4, 2, 32, 8, id="short-prompt-fills-sink-while-decoding"),
+]
+
+
+@pytest.mark.parametrize(("sink", "recent", "block", "steps", "pads", "hq", "h", "d", "align"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_attention_matches_dense_definition(sink, recent, block, steps, pads, hq, h, d, align, dtype):
+    generator = torch.Generator().manual_seed(hash((sink, recent, block, len(steps), hq, d)) % 2**31)
+    mask = random_mask(h, d, align, generator, prune_head=0 if h > 1 else None)
+    layer = LeanKLayer(mask, sink=sink, recent=recent, block_size=block)
+    for _, output, expected, query_valid in drive_layer(layer, steps, pads, hq, d, dtype, generator):
+        # Padding queries have no defined output; compare real ones.
+        rows = query_valid[:, None, :].expand(-1, hq, -1)
+        assert_close(output[rows], expected[rows], dtype)
+
+
+def test_fully_pruned_head_drops_middle_tokens_and_their_values():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[1, :8] = True  # head 0 keeps nothing, head 1 keeps 8 channels
+    layer = LeanKLayer(mask, sink=2, recent=4, block_size=2)
+    for _ in drive_layer(layer, [30] + [1] * 6, [0], 2, 16, torch.float32, generator):
+        pass
+    view = layer.view()
+    assert view.middle_values.shape[1] == 1, "only the head that keeps channels stores middle values"
+    assert view.middle_keys.shape[-1] == 8, "middle keys hold only the kept channels"
+
+
+def test_middle_store_holds_only_kept_channels_and_no_full_keys():
+    generator = torch.Generator().manual_seed(1)
+    mask = random_mask(4, 64, 16, generator)
+    layer = LeanKLayer(mask, sink=4, recent=16, block_size=8)
+    for _ in drive_layer(layer, [200] + [1] * 40, [0, 7], 8, 64, torch.float32, generator):
+        pass
+    view = layer.view()
+    kept_total = int(mask.sum())
+    assert view.middle_keys.shape[-1] == kept_total
+    assert layer.middle_keys.shape[-1] == kept_total
+    assert view.recent_keys.shape[2] <= 16 + 8 - 1
+    assert view.sink_keys.shape[2] <= 4
+
+
+def test_memory_report_equals_tensors_held():
+    generator = torch.Generator().manual_seed(2)
+    mask = random_mask(2, 32, 8, generator)
+    layer = LeanKLayer(mask, sink=4, recent=8, block_size=4)
+    for _ in drive_layer(layer, [100] + [1] * 37, [0, 5], 4, 32, torch.bfloat16, generator):
+        pass
+    report = layer.memory(0)
+    assert report.key_bytes == held_bytes(layer.sink_keys, layer.middle_keys, layer.recent_keys)
+    assert report.value_bytes == held_bytes(layer.sink_values, layer.middle_values, layer.recent_values)
+    assert report.other_bytes == held_bytes(layer.sink_lengths, layer.middle_valid, layer.recent_valid)
+    kept = int(mask.sum())
+    value_heads = int((mask.sum(-1) > 0).sum())
+    # Exact byte count of what the layer must hold: 2 rows, bf16.
+    middle = layer.middle_keys.shape[1]
+    window = layer.recent_keys.shape[2]
+    expected_keys = 2 * 2 * (2 * 4 * 32 + middle * kept + 2 * window * 32)
+    expected_values = 2 * 2 * (2 * 4 * 32 + value_heads * middle * 32 + 2 * window * 32)
+    assert report.key_bytes == expected_keys
+    assert report.value_bytes == expected_values
+    assert report.dense_bytes == 2 * 2 * 2 * layer.seq_len * 32 * 2
+
+
+def test_growth_is_amortised_and_reserved_capacity_small():
+    generator = torch.Generator().manual_seed(3)
+    mask = random_mask(2, 32, 8, generator)
+    layer = LeanKLayer(mask, sink=4, recent=32, block_size=16)
+    reallocations, pointer = 0, None
+    for _ in drive_layer(layer, [1000] + [1] * 1500, [0], 2, 32, torch.float32, generator):
+        if layer.middle_keys.data_ptr() != pointer:
+            reallocations += 1
+            pointer = layer.middle_keys.data_ptr()
+    # 1000 -> 2500 tokens with ~6 % growth per reallocation: about log(2.5) / log(1.0625) ~ 15, not one per block.
+    assert reallocations <= 20
+    report = layer.memory(0)
+    assert report.reserved_bytes <= 0.10 * report.total_bytes
+
+
+def test_crop_rolls_back_window_tokens_and_refuses_pruned_ones():
+    generator = torch.Generator().manual_seed(4)
+    mask = random_mask(2, 32, 8, generator)
+    layer = LeanKLayer(mask, sink=4, recent=8, block_size=4)
+    for _ in drive_layer(layer, [30, 1, 1], [0], 2, 32, torch.float32, generator):
+        pass
+    assert layer.get_seq_length() == 32
+    layer.crop(-3)
+    assert layer.get_seq_length() == 29
+    with pytest.raises(ValueError, match="recent window"):
+        layer.crop(-50)
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(5)
+
+
+def test_batch_reorder_select_and_repeat_follow_rows():
+    generator = torch.Generator().manual_seed(5)
+    mask = random_mask(2, 32, 8, generator)
+    layer = LeanKLayer(mask, sink=4, recent=8, block_size=4)
+    for _ in drive_layer(layer, [40, 1], [0, 6, 2], 2, 32, torch.float32, generator):
+        pass
+    before = layer.view()
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    after = layer.view()
+    torch.testing.assert_close(after.middle_keys, before.middle_keys[[2, 0, 1]])
+    torch.testing.assert_close(after.sink_lengths, before.sink_lengths[[2, 0, 1]])
+    layer.batch_repeat_interleave(2)
+    assert layer.batch_size == 6
+    torch.testing.assert_close(layer.view().recent_valid[1], after.recent_valid[0])
+    layer.batch_select_indices(torch.tensor([1, 4]))
+    assert layer.batch_size == 2
+    torch.testing.assert_close(layer.view().middle_valid[1], after.middle_valid[2])
+
+
+def test_reused_with_other_batch_size_raises():
+    layer = LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2, block_size=1)
+    layer.update(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16))
+    layer.commit(layer._pending, None)
+    with pytest.raises(ValueError, match="another batch size"):
+        layer.update(torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16))
+
+
+def test_mask_for_other_geometry_raises():
+    layer = LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2, block_size=1)
+    with pytest.raises(ValueError, match="KV heads"):
+        layer.update(torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16))
+
+
+def test_pending_step_used_by_other_attention_explains_fix():
+    layer = LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2, block_size=1)
+    step, _ = layer.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
+    with pytest.raises(AttributeError, match="attn_implementation must be 'leank'"):
+        _ = step.shape
