@@ -1,0 +1,63 @@
+"""The embedded SmolLM2-135M-Instruct (real weights): drop-in equivalence and the demo. Slow: ~1-2 min on 2 cores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from leank_hf import LeanKCache, LeanKMasks
+from leank_hf.cache_layer import LeanKLayer
+
+pytestmark = pytest.mark.slow
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "long_context_qa.py"
+
+
+def prose_ids(tokenizer, tokens: int, seed: int) -> torch.Tensor:
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import random
+
+    from long_context_qa import logbook
+
+    return tokenizer(logbook(random.Random(seed), tokens // 26), return_tensors="pt")["input_ids"][:, :tokens]
+
+
+def test_keep_all_masks_reproduce_dynamic_cache(smollm2):
+    """Default windows (sink 64, recent 256, block 64) over a 700-token prompt: several flushes, same tokens."""
+    model, tokenizer = smollm2
+    ids = prose_ids(tokenizer, 700, seed=0)
+    masks = LeanKMasks(torch.ones(30, 3, 64, dtype=torch.bool))
+    common = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 70, "do_sample": False}
+    dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **common)
+    cache = LeanKCache(masks, model)
+    leank = model.generate(ids, past_key_values=cache, **common)
+    assert torch.equal(dense, leank)
+    assert all(layer.view().middle_keys.shape[1] > 0 for layer in cache.layers if isinstance(layer, LeanKLayer))
+
+
+def test_calibrated_masks_save_memory_and_keep_the_first_token(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    masks = LeanKMasks.from_calibration(model, prose_ids(tokenizer, 1024, seed=1), keep_ratio=0.3, align=16)
+    assert masks.keep_ratio == pytest.approx(0.3, abs=0.01)
+    masks.save_pretrained(tmp_path)
+    ids = prose_ids(tokenizer, 1500, seed=2)
+    common = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False}
+    dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **common)
+    cache = LeanKCache.from_pretrained(tmp_path, model)
+    leank = model.generate(ids, past_key_values=cache, **common)
+    assert torch.equal(dense[:, : ids.shape[1] + 1], leank[:, : ids.shape[1] + 1])
+    report = cache.memory_report()
+    assert report.key_bytes < 0.5 * report.dense_bytes / 2, "the middle K cache must shrink by more than half"
+    assert report.saved_fraction > 0.2
+
+
+def test_readme_demo_runs(smollm2):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--tokens", "1200", "--calibration-tokens", "1024", "--max-new-tokens", "16"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    assert "| LeanKCache |" in result.stdout and "saved" in result.stdout
