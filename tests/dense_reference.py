@@ -50,13 +50,16 @@ def dense_leank_attention(
     q = queries.double().reshape(batch, num_heads, group, n, head_dim)
     k, v = keys.double(), values.double()
     keep = channel_mask.double()[None, :, None, :]  # [1, H, 1, D]
-    positions = torch.arange(total)
+    device = queries.device
+    positions = torch.arange(total, device=device)
     real_rank = valid.long().cumsum(1) - 1  # rank of each real token within its row
     full = (positions >= start - window) | (real_rank < sink)  # [B, T]; new tokens are >= start - window
     if start == 0:
         full = torch.ones_like(full)
     has_middle = channel_mask.any(-1)  # [H]
-    visible = valid[:, None, :] & (positions[None, None, :] <= start + torch.arange(n)[None, :, None])  # [B, n, T]
+    visible = valid[:, None, :] & (
+        positions[None, None, :] <= start + torch.arange(n, device=device)[None, :, None]
+    )  # [B, n, T]
 
     full_scores = torch.einsum("bhgid,bhjd->bhgij", q, k)
     middle_scores = torch.einsum("bhgid,bhjd->bhgij", q * keep[:, :, None], k * keep)

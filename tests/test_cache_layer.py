@@ -44,14 +44,15 @@ def drive_layer(
     head_dim: int,
     dtype: torch.dtype,
     generator: torch.Generator,
+    device: torch.device | str = "cpu",
 ):
     """Feed random steps through `layer` via the attention function; yield (step, output, expected, query_valid)."""
     batch, heads = len(left_pad), layer.channel_mask.shape[0]
     total = sum(step_lengths)
-    keys = torch.randn(batch, heads, total, head_dim, generator=generator).to(dtype)
-    values = torch.randn(batch, heads, total, head_dim, generator=generator).to(dtype)
-    queries = torch.randn(batch, num_q_heads, total, head_dim, generator=generator).to(dtype)
-    valid = torch.ones(batch, total, dtype=torch.bool)
+    keys = torch.randn(batch, heads, total, head_dim, generator=generator).to(device, dtype)
+    values = torch.randn(batch, heads, total, head_dim, generator=generator).to(device, dtype)
+    queries = torch.randn(batch, num_q_heads, total, head_dim, generator=generator).to(device, dtype)
+    valid = torch.ones(batch, total, dtype=torch.bool, device=device)
     for row, pad in enumerate(left_pad):
         valid[row, :pad] = False
     module = FakeAttention(num_q_heads // heads)
@@ -63,13 +64,13 @@ def drive_layer(
         step, _ = layer.update(keys[:, :, start:end], values[:, :, start:end], 0)
         mask = sdpa_mask(
             batch_size=batch, q_length=n, kv_length=end, q_offset=start, attention_mask=valid[:, :end],
-            allow_is_causal_skip=False,
+            allow_is_causal_skip=False, device=device,
         )  # fmt: skip
         output, weights = leank_attention_forward(module, queries[:, :, start:end], step, step, mask, scaling=scaling)
         assert weights is None
         expected = dense_leank_attention(
             queries[:, :, start:end], keys[:, :, :end], values[:, :, :end], valid[:, :end], start, window,
-            layer.channel_mask, layer.sink, scaling,
+            layer.channel_mask.to(device), layer.sink, scaling,
         )  # fmt: skip
         yield index, output.transpose(1, 2), expected, valid[:, start:end]
         start = end

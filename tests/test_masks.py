@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from safetensors.torch import save_file
 from leank_hf import LeanKMasks
 from leank_hf.masks import CONFIG_NAME, MASKS_NAME
 
-REFERENCE_MASKS = Path(__file__).resolve().parents[2] / "shared" / "reference_masks"
+# ../shared/reference_masks beside the checkout, or wherever LEANK_REFERENCE_MASKS points (e.g. on a GPU machine).
+REFERENCE_MASKS = Path(
+    os.environ.get("LEANK_REFERENCE_MASKS", Path(__file__).resolve().parents[2] / "shared" / "reference_masks")
+)
 
 
 def aligned_mask(layers=2, heads=3, head_dim=32, seed=0) -> torch.Tensor:

@@ -61,3 +61,16 @@ def test_readme_demo_runs(smollm2):
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     assert "| LeanKCache |" in result.stdout and "saved" in result.stdout
+
+
+def test_calibration_from_text_with_a_tokenizer(smollm2):
+    model, tokenizer = smollm2
+    import random
+
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from long_context_qa import logbook
+
+    texts = [logbook(random.Random(seed), 12) for seed in range(3)]
+    masks = LeanKMasks.from_calibration(model, texts, tokenizer=tokenizer, keep_ratio=0.5, batch_size=2)
+    assert masks.keep_ratio == pytest.approx(0.5, abs=0.01)
+    assert masks.method["tokens"] == sum(len(tokenizer(t)["input_ids"]) for t in texts)
