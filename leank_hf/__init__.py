@@ -3,6 +3,7 @@
 from .architectures import SUPPORTED_MODEL_TYPES, ModelSpec
 from .attention import register
 from .cache import LeanKCache
+from .hub import zoo_names
 from .masks import LeanKMasks
 from .memory import LayerMemory, MemoryReport
 from .selection import select_channels
@@ -18,4 +19,5 @@ __all__ = [
     "ModelSpec",
     "register",
     "select_channels",
+    "zoo_names",
 ]

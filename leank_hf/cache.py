@@ -47,7 +47,7 @@ class LeanKCache(Cache):
         block_size: int | None = None,
     ) -> None:
         spec = ModelSpec.from_config(model.config, type(model).__name__)
-        masks.check_compatible(spec)
+        masks.check_compatible(spec, getattr(model.config, "_name_or_path", None))
         sink = masks.sink if sink is None else sink
         recent = masks.recent if recent is None else recent
         block_size = masks.block_size if block_size is None else block_size
@@ -64,15 +64,17 @@ class LeanKCache(Cache):
         attention.enable(model)
 
     @classmethod
-    def from_pretrained(cls, pretrained: str | os.PathLike, model: PreTrainedModel, **cache_kwargs: Any) -> LeanKCache:
+    def from_pretrained(cls, pretrained: str | os.PathLike, model: PreTrainedModel, **kwargs: Any) -> LeanKCache:
         """A fresh, empty cache for `model` with masks from a mask repo (loaded once, then memoised).
 
         Args:
-            pretrained: a local mask directory written by `LeanKMasks.save_pretrained`.
-            model: the model the cache is for.
-            **cache_kwargs: `sink`, `recent`, `block_size` overrides.
+            pretrained: a local mask directory, a shipped mask's short name, or a Hub repo id.
+            model: the model the cache is for; the masks are checked against it.
+            **kwargs: `sink`, `recent`, `block_size` overrides for this cache, and the Hub arguments of
+                `LeanKMasks.from_pretrained` (`revision`, `token`, `cache_dir`, `local_files_only`, `force_download`).
         """
-        return cls(LeanKMasks.from_pretrained(pretrained), model, **cache_kwargs)
+        cache_kwargs = {k: kwargs.pop(k) for k in ("sink", "recent", "block_size") if k in kwargs}
+        return cls(LeanKMasks.from_pretrained(pretrained, **kwargs), model, **cache_kwargs)
 
     def memory_report(self) -> MemoryReport:
         """Bytes held per layer and in total, against what a `DynamicCache` would hold for the same tokens."""

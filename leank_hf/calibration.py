@@ -100,13 +100,16 @@ def calibrate(
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     mask = select_channels(stats.scores(), keep_ratio, align, layers=spec.leank_layers)
     config.setdefault("base_model", getattr(model.config, "_name_or_path", None) or None)
+    config.setdefault("base_model_revision", getattr(model.config, "_commit_hash", None))
     method = {
         "name": "calibration",
         "score": "mean|q_c| * mean|k_c| over real tokens, q averaged over the KV group",
         "keep_ratio": keep_ratio,
         "tokens": int(stats.tokens.max()),
     }
-    return LeanKMasks(mask, align=align, layer_types=spec.layer_types, method=method, **config)
+    return LeanKMasks(
+        mask, align=align, layer_types=spec.layer_types, model_type=spec.model_type, method=method, **config
+    )
 
 
 def _as_token_batch(

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .architectures import LEANK_LAYER_TYPE, ModelSpec
-from .io import read_json, read_safetensors, write_json, write_safetensors
+from .io import atomic_write, read_json, read_safetensors, write_json, write_safetensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,9 +42,11 @@ class LeanKMasks:
         align: every head keeps a multiple of this many channels (the decode kernel reads channel tiles of it).
         layer_types: per layer, transformers' layer type; only ``"full_attention"`` layers are pruned, others
             (e.g. Gemma3's sliding layers) keep their own cache and must keep every channel. `None` = all full.
+        model_type: transformers `model_type` of that model (e.g. ``"llama"``), if known; checked when loading.
         base_model: Hub id of the model the masks were made for, if known.
         base_model_revision: its revision, if known.
         method: how the masks were made (``{"name": "calibration", ...}``), stored in the mask repo.
+        evaluation: rows of an evaluation table (dicts with the same keys), shown on the model card.
     """
 
     channel_mask: torch.Tensor
@@ -52,9 +55,11 @@ class LeanKMasks:
     block_size: int = 64
     align: int = 16
     layer_types: tuple[str, ...] | None = None
+    model_type: str | None = None
     base_model: str | None = None
     base_model_revision: str | None = None
     method: dict[str, Any] = field(default_factory=dict)
+    evaluation: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         mask = self.channel_mask
@@ -69,6 +74,7 @@ class LeanKMasks:
         layer_types = tuple(self.layer_types) if self.layer_types is not None else None
         object.__setattr__(self, "layer_types", layer_types)
         object.__setattr__(self, "method", dict(self.method))
+        object.__setattr__(self, "evaluation", tuple(dict(row) for row in self.evaluation))
         validate_windows(self.sink, self.recent, self.block_size)
         self._validate_alignment()
         if layer_types is not None:
@@ -157,8 +163,22 @@ class LeanKMasks:
         """A copy with some fields changed (e.g. ``masks.replace(recent=768)``), validated again."""
         return dataclasses.replace(self, **changes)
 
-    def check_compatible(self, spec: ModelSpec) -> None:
-        """Raise a `ValueError` naming both sides if these masks do not fit the model described by `spec`."""
+    def check_compatible(self, spec: ModelSpec, model_name: str | None = None) -> None:
+        """Raise a `ValueError` naming both sides if these masks do not fit the model described by `spec`.
+
+        A different base-model id (when `model_name` is a Hub id) only warns: masks may transfer to fine-tunes.
+        """
+        if self.model_type is not None and self.model_type != spec.model_type:
+            raise ValueError(
+                f"these LeanK masks were made for a {self.model_type!r} model ({self.base_model or 'unknown'}) but "
+                f"{spec.architecture} is a {spec.model_type!r} model; use masks made for this model"
+            )
+        if self.base_model and model_name and model_name != self.base_model and not Path(model_name).exists():
+            warnings.warn(
+                f"these LeanK masks were made for {self.base_model} but are used with {model_name}; check that "
+                "they fit (e.g. a fine-tune of the same base) or calibrate/learn masks for it",
+                stacklevel=3,
+            )
         expected = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
         if tuple(self.channel_mask.shape) != expected:
             raise ValueError(
@@ -228,6 +248,7 @@ class LeanKMasks:
         """The `leank_config.json` content (without the checksum of the masks file)."""
         return {
             "format_version": FORMAT_VERSION,
+            "model_type": self.model_type,
             "base_model": self.base_model,
             "base_model_revision": self.base_model_revision,
             "num_layers": self.num_layers,
@@ -240,14 +261,18 @@ class LeanKMasks:
             "align": self.align,
             "keep_ratio": round(self.keep_ratio, 6),
             "method": self.method,
+            "evaluation": list(self.evaluation),
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `leank_config.json` and `leank_masks.safetensors` into `save_directory`.
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> None:
+        """Write the mask repo into `save_directory`: config, masks, heatmap PNG and (if absent) a model card.
 
-        Each file is written to a temporary name and renamed into place; the config (written last) holds the
-        masks file's SHA-256, so an interrupted save is detected on load instead of loading mismatched files.
+        Each file is written to a temporary name and renamed into place; the config (written after the masks) holds
+        the masks file's SHA-256, so an interrupted save is detected on load instead of loading mismatched files.
+        An existing README.md is never overwritten; `repo_id` names the repo in a new card's usage snippet.
         """
+        from .card import CARD_NAME, HEATMAP_NAME, plot_masks, render_card
+
         save_directory = Path(save_directory)
         masks_path = save_directory / MASKS_NAME
         write_safetensors(
@@ -258,17 +283,57 @@ class LeanKMasks:
         config = self.to_config_dict()
         config["masks_sha256"] = _sha256(masks_path)
         write_json(save_directory / CONFIG_NAME, config)
+        plot_masks(self, save_directory / HEATMAP_NAME)
+        card_path = save_directory / CARD_NAME
+        if not card_path.exists():
+            card = render_card(self, repo_id)
+            atomic_write(card_path, lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+    ) -> str:
+        """Create `repo_id` on the Hub if needed and upload this mask repo with its card in one commit.
+
+        The repo is saved to a temporary folder and uploaded once. Returns the commit (or pull request) URL.
+        """
+        from .hub import push_masks
+
+        return push_masks(
+            self, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+            commit_message=commit_message,
+        )  # fmt: skip
 
     @classmethod
-    def from_pretrained(cls, pretrained: str | os.PathLike, **overrides: Any) -> LeanKMasks:
-        """Load masks saved by `save_pretrained` from a local directory.
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        **overrides: Any,
+    ) -> LeanKMasks:
+        """Load a mask repo: a local directory, a shipped mask by short name (`leank_hf.zoo_names()`), or a Hub repo.
 
-        Loaded masks are memoised (keyed by path and file modification times), so loading again costs nothing.
+        Hub downloads go through `huggingface_hub.snapshot_download` (its cache, `HF_HUB_OFFLINE`, `HF_ENDPOINT`).
+        Loaded masks are memoised (keyed by folder and file modification times), so loading again costs nothing.
         `overrides` replace saved fields, e.g. ``recent=768``.
         """
-        directory = Path(pretrained)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no LeanK mask directory at {str(pretrained)!r}")
+        from .hub import resolve_repo
+
+        directory = resolve_repo(
+            pretrained, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+            force_download=force_download,
+        )  # fmt: skip
         config_path, masks_path = directory / CONFIG_NAME, directory / MASKS_NAME
         for path in (config_path, masks_path):
             if not path.is_file():
@@ -322,9 +387,11 @@ def _load_directory(directory: str, _config_mtime: int, _masks_mtime: int) -> Le
             block_size=config.get("block_size", 64),
             align=config.get("align", 16),
             layer_types=tuple(layer_types) if layer_types is not None else None,
+            model_type=config.get("model_type"),
             base_model=config.get("base_model"),
             base_model_revision=config.get("base_model_revision"),
             method=config.get("method") or {},
+            evaluation=tuple(config.get("evaluation") or ()),
         )
     except ValueError as err:
         raise ValueError(f"invalid LeanK mask repo {directory_path}: {err}") from err

@@ -96,3 +96,40 @@ def _row(layer: str, kind: str, key: int, value: int, total: int, dense: int) ->
     return (
         f"| {layer} | {kind} | {key / mib:.3f} | {value / mib:.3f} | {total / mib:.3f} | {dense / mib:.3f} | {saved} |"
     )
+
+
+def estimate_memory(
+    channel_mask: torch.Tensor,
+    pruned_layers: list[int],
+    sink: int,
+    recent: int,
+    context_length: int,
+    batch_size: int = 1,
+    bytes_per_value: int = 2,
+) -> MemoryReport:
+    """Bytes a LeanK cache holds for `context_length` tokens per row, from the masks alone (no reserved capacity).
+
+    Args:
+        channel_mask: `[layers, kv_heads, head_dim]` keep-mask.
+        pruned_layers: layers LeanK prunes; the others hold what a `DynamicCache` holds.
+        sink, recent: full-width tokens at the start and end of each row.
+        context_length: tokens per row.
+        batch_size: rows.
+        bytes_per_value: 2 for bf16/fp16, 4 for fp32.
+    """
+    _, heads, head_dim = channel_mask.shape
+    full = min(context_length, sink + recent)
+    middle = context_length - full
+    per_token = batch_size * bytes_per_value
+    layers = []
+    for index, layer_mask in enumerate(channel_mask):
+        dense = 2 * per_token * context_length * heads * head_dim
+        if index not in pruned_layers:
+            layers.append(LayerMemory(index, "unpruned", dense // 2, dense // 2, 0, 0, dense))
+            continue
+        kept = int(layer_mask.sum())
+        value_heads = int(layer_mask.any(-1).sum())
+        key_bytes = per_token * (full * heads * head_dim + middle * kept)
+        value_bytes = per_token * (full * heads * head_dim + middle * value_heads * head_dim)
+        layers.append(LayerMemory(index, "leank", key_bytes, value_bytes, 0, 0, dense))
+    return MemoryReport(tuple(layers))

