@@ -22,6 +22,10 @@ class ChannelLayout:
         value_rows: per head, its row in the middle-value store, or -1 for a head that keeps nothing.
         packed_index: `[C]` long, index of each packed column into the flattened `(head, channel)` axis.
         value_heads: `[Hv]` long, the heads that have a middle-value row, in row order.
+        kept_flat: `[C]` int32, channel index (within its head) of each packed column.
+        offsets_table: `offsets` as an int32 tensor, for kernels.
+        value_rows_table: `value_rows` as an int32 tensor, for kernels.
+        chunk: largest power of two (<= 64) dividing every head's kept count: the kernels' channel tile.
     """
 
     kept: tuple[torch.Tensor, ...]
@@ -29,6 +33,10 @@ class ChannelLayout:
     value_rows: tuple[int, ...]
     packed_index: torch.Tensor
     value_heads: torch.Tensor
+    kept_flat: torch.Tensor
+    offsets_table: torch.Tensor
+    value_rows_table: torch.Tensor
+    chunk: int
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> ChannelLayout:
@@ -40,12 +48,19 @@ class ChannelLayout:
         value_heads = [h for h in range(num_heads) if counts[h] > 0]
         value_rows = tuple(value_heads.index(h) if counts[h] > 0 else -1 for h in range(num_heads))
         packed_index = torch.cat([k + h * head_dim for h, k in enumerate(kept)]) if kept else torch.empty(0)
+        chunk = 64
+        while chunk > 1 and any(count % chunk for count in counts):
+            chunk //= 2
         return cls(
             kept=kept,
             offsets=offsets,
             value_rows=value_rows,
             packed_index=packed_index.long().to(device),
             value_heads=torch.tensor(value_heads, dtype=torch.long, device=device),
+            kept_flat=torch.cat(kept).to(device=device, dtype=torch.int32) if kept else torch.empty(0),
+            offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
+            value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
+            chunk=chunk,
         )
 
     @property

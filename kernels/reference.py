@@ -7,51 +7,39 @@ import torch
 from .layout import PrunedKV
 
 
-def leank_attention_reference(
-    query: torch.Tensor,
-    new_keys: torch.Tensor,
-    new_values: torch.Tensor,
-    new_valid: torch.Tensor | None,
-    cache: PrunedKV,
-    scaling: float,
-) -> torch.Tensor:
-    """Attention of this step's queries over a pruned cache plus this step's own keys.
+def leank_attention_reference(query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
+    """Attention of this step's `Q` queries over a pruned cache whose window ends with this step's `Q` tokens.
 
-    Keys are the union of: the sink and recent tokens at full width, the middle tokens on their kept channels only
-    (heads that keep no channel skip their middle tokens: no weight at all, not a score of 0), and this step's new
-    tokens at full width, causally (query `i` sees new tokens `0..i`). Invalid slots get no weight; a query with no
-    valid key returns zeros. Scores follow eager attention's precision: products in the input dtype, softmax in fp32.
+    Keys are the union of: the sink and window tokens at full width (the last `Q` window tokens are this step's own
+    and are seen causally: query `i` sees them up to itself), and the middle tokens on their kept channels only
+    (heads that keep no channel skip their middle tokens: no weight at all, not a score of 0). Invalid slots get no
+    weight; a query with no valid key returns zeros. Scores follow eager attention's precision: products in the
+    input dtype, softmax in fp32.
 
     Args:
         query: `[B, Hq, Q, D]`; the `Hq / H` query heads of a KV head are consecutive (GQA).
-        new_keys: `[B, H, Q, D]` keys of this step's tokens.
-        new_values: `[B, H, Q, D]`.
-        new_valid: `[B, Q]` bool, False for padding; None = all valid.
-        cache: the stored tokens, see `PrunedKV`.
+        cache: the stored tokens plus this step's, see `PrunedKV`.
         scaling: multiplier of q·k (1/sqrt(D) for most models).
 
     Returns:
         `[B, Hq, Q, D]` attention output in the query dtype.
     """
     batch, num_q_heads, q_len, head_dim = query.shape
-    num_heads = new_keys.shape[1]
+    num_heads = cache.recent_keys.shape[1]
     group = num_q_heads // num_heads
     layout = cache.layout
     # Queries of one KV head as rows g * Q + i, so every K/V segment is read once per KV head.
     q = query.reshape(batch, num_heads, group * q_len, head_dim)
     device = query.device
 
-    sink_slots = cache.sink_keys.shape[2]
+    sink_slots, window = cache.sink_keys.shape[2], cache.recent_keys.shape[2]
     sink_valid = torch.arange(sink_slots, device=device) < cache.sink_lengths.to(device).unsqueeze(1)
-    query_pos = torch.arange(group * q_len, device=device) % q_len
-    causal = torch.arange(q_len, device=device) <= query_pos.unsqueeze(1)  # [GQ, Q]
-    new_ok = causal if new_valid is None else causal & new_valid.unsqueeze(1)  # [GQ,Q] or [B,GQ,Q]
+    query_pos = torch.arange(group * q_len, device=device) % q_len  # [GQ]
+    causal = torch.arange(window, device=device) <= (window - q_len + query_pos).unsqueeze(1)  # [GQ, W]
+    window_ok = causal & cache.recent_valid[:, None, :]  # [B, GQ, W]
 
-    full_scores = [
-        _masked(q @ cache.sink_keys.transpose(-1, -2), sink_valid[:, None, None, :]),
-        _masked(q @ cache.recent_keys.transpose(-1, -2), cache.recent_valid[:, None, None, :]),
-        _masked(q @ new_keys.transpose(-1, -2), new_ok.unsqueeze(-3) if new_ok.ndim == 3 else new_ok),
-    ]
+    sink_scores = _masked(q @ cache.sink_keys.transpose(-1, -2), sink_valid[:, None, None, :])
+    window_scores = _masked(q @ cache.recent_keys.transpose(-1, -2), window_ok[:, None])
     middle_len = cache.middle_keys.shape[1]
     middle_scores = torch.full((batch, num_heads, group * q_len, middle_len), -torch.inf, device=device)
     for head in range(num_heads):
@@ -62,13 +50,13 @@ def leank_attention_reference(
         middle_scores[:, head] = (q_kept @ cache.middle_keys[:, :, start:end].transpose(-1, -2)).float()
     middle_scores = _masked(middle_scores, cache.middle_valid[:, None, None, :])
 
-    scores = torch.cat([full_scores[0], middle_scores, full_scores[1], full_scores[2]], dim=-1) * scaling
+    scores = torch.cat([sink_scores, middle_scores, window_scores], dim=-1) * scaling
     # A query row with no valid key (e.g. padding queries) would give NaN from softmax: give it zero weights.
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(scores.amax(-1, keepdim=True) > -torch.inf, probs, 0.0).to(new_values.dtype)
-    p_sink, p_mid, p_recent, p_new = probs.split([sink_slots, middle_len, cache.recent_keys.shape[2], q_len], dim=-1)
+    probs = torch.where(scores.amax(-1, keepdim=True) > -torch.inf, probs, 0.0).to(cache.recent_values.dtype)
+    p_sink, p_mid, p_window = probs.split([sink_slots, middle_len, window], dim=-1)
 
-    out = p_sink @ cache.sink_values + p_recent @ cache.recent_values + p_new @ new_values
+    out = p_sink @ cache.sink_values + p_window @ cache.recent_values
     for head in range(num_heads):
         row = layout.value_rows[head]
         if row >= 0:

@@ -13,7 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache_layer import PendingStep
-from .kernels import leank_attention_reference
+from .kernels import leank_attention
 
 ATTN_IMPLEMENTATION = "leank"
 
@@ -58,12 +58,13 @@ def leank_attention_forward(
         output, _ = sdpa_attention_forward(
             module, query, step.keys, step.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    else:
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-        output = leank_attention_reference(query, step.keys, step.values, valid, layer.view(), scaling)
-        output = output.transpose(1, 2).contiguous()
-    layer.commit(step, valid)
-    return output, None
+        layer.commit(step, valid)
+        return output, None
+    layer.stage(step, valid)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output = leank_attention(query, layer.view(), scaling)
+    layer.settle()
+    return output.transpose(1, 2).contiguous(), None
 
 
 def new_token_validity(attention_mask: torch.Tensor | None, num_new: int, batch: int) -> torch.Tensor | None:

@@ -187,38 +187,52 @@ class LeanKLayer(CacheLayerMixin):
             layout=self.layout,
         )
 
-    def commit(self, step: PendingStep, valid: torch.Tensor | None) -> None:
-        """Store `step`'s tokens after attention used them; `valid` `[B, Q]` is False for padding (None = all real)."""
+    def stage(self, step: PendingStep, valid: torch.Tensor | None) -> None:
+        """Write `step`'s tokens at the end of the recent window, where attention reads them as this step's own.
+
+        `valid` `[B, Q]` is False for padding (None = all real). Call `settle` once attention is done.
+        """
         if step is not self._pending:
-            raise RuntimeError("LeanKLayer.commit got a step this layer did not stage")
+            raise RuntimeError("LeanKLayer.stage got a step this layer did not hand out")
         self._pending = None
         keys, values = step.keys, step.values
         if valid is None:
             valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
-        total = self._window + keys.shape[2]
-        if total < self.recent + self.block_size:
-            self._write_window(keys, values, valid, start=self._window)
-            return
-        # The window overflows: all but the latest `recent` tokens leave it.
-        if self._window:
-            keys = torch.cat([self.recent_keys[:, :, : self._window], keys], dim=2)
-            values = torch.cat([self.recent_values[:, :, : self._window], values], dim=2)
-            valid = torch.cat([self.recent_valid[:, : self._window], valid], dim=1)
-        leaving = total - self.recent
-        self._flush(keys[:, :, :leaving], values[:, :, :leaving], valid[:, :leaving])
-        self._window = 0
-        self._write_window(keys[:, :, leaving:], values[:, :, leaving:], valid[:, leaving:], start=0)
-
-    def _write_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, start: int) -> None:
-        end = start + keys.shape[2]
-        limit = self.recent + self.block_size - 1
-        self.recent_keys = _grown(self.recent_keys, 2, self._window, end, self.block_size, limit)
-        self.recent_values = _grown(self.recent_values, 2, self._window, end, self.block_size, limit)
-        self.recent_valid = _grown(self.recent_valid, 1, self._window, end, self.block_size, limit)
+        start, end = self._window, self._window + keys.shape[2]
+        self.recent_keys = _grown(self.recent_keys, 2, start, end, self.block_size)
+        self.recent_values = _grown(self.recent_values, 2, start, end, self.block_size)
+        self.recent_valid = _grown(self.recent_valid, 1, start, end, self.block_size)
         self.recent_keys[:, :, start:end] = keys
         self.recent_values[:, :, start:end] = values
         self.recent_valid[:, start:end] = valid
         self._window = end
+
+    def settle(self) -> None:
+        """After attention: once the window reaches `recent + block_size`, all but its latest `recent` tokens leave."""
+        if self._window < self.recent + self.block_size:
+            return
+        leaving = self._window - self.recent
+        self._flush(
+            self.recent_keys[:, :, :leaving], self.recent_values[:, :, :leaving], self.recent_valid[:, :leaving]
+        )
+        # Keep the latest `recent` tokens at the front, in a buffer no larger than the window ever needs between
+        # steps (a long chunked-prefill step may have grown it).
+        capacity = min(self.recent_keys.shape[2], _round_up(self.recent + self.block_size, self.block_size))
+        for name in ("recent_keys", "recent_values", "recent_valid"):
+            tensor = getattr(self, name)
+            kept = tensor.narrow(-2 if tensor.ndim == 4 else -1, leaving, self.recent).clone()
+            if tensor.shape[-2 if tensor.ndim == 4 else -1] > capacity:
+                shape = list(tensor.shape)
+                shape[-2 if tensor.ndim == 4 else -1] = capacity
+                tensor = tensor.new_empty(shape)
+            tensor.narrow(-2 if tensor.ndim == 4 else -1, 0, self.recent).copy_(kept)
+            setattr(self, name, tensor)
+        self._window = self.recent
+
+    def commit(self, step: PendingStep, valid: torch.Tensor | None) -> None:
+        """Store a step whose attention ran elsewhere (the exact prefill): `stage` then `settle`."""
+        self.stage(step, valid)
+        self.settle()
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Move tokens `[B, H, n, D]` out of the window:

@@ -1,0 +1,122 @@
+"""The Triton decode kernel against the PyTorch reference on fresh random pruned caches.
+
+On the CPU it runs under TRITON_INTERPRET=1 (conftest.py sets it before Triton is imported) at small shapes; with
+CUDA the compiled kernel runs, at larger shapes too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from leank_hf.kernels import ChannelLayout, PrunedKV, leank_attention_reference
+from leank_hf.kernels.decode import leank_decode_triton, supports
+
+from .test_cache_layer import random_mask
+from .tolerances import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's interpreter emulates bf16 through numpy, which has none: on the CPU its bf16 results are garbage (seen
+# with Triton 3.9: errors ~1e9 where fp16 is within 5e-4), so bf16 is checked only with the compiled kernel.
+DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def random_cache(
+    batch: int, heads: int, head_dim: int, align: int, sink: int, middle: int, window: int, dtype: torch.dtype,
+    seed: int, prune_head: int | None = 0,
+) -> PrunedKV:  # fmt: skip
+    """A pruned cache with ragged sink lengths, padding holes in middle and window, and one fully pruned head."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = random_mask(heads, head_dim, align, gen, prune_head=prune_head)
+    layout = ChannelLayout.from_mask(mask, DEVICE)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    sink_lengths = torch.randint(0, sink + 1, (batch,), generator=gen)
+    if sink:
+        sink_lengths[0] = sink
+    middle_valid = torch.rand(batch, middle, generator=gen) > 0.2
+    window_valid = torch.rand(batch, window, generator=gen) > 0.2
+    window_valid[:, -1] = True  # this step's own token
+    return PrunedKV(
+        sink_keys=rand(batch, heads, sink, head_dim),
+        sink_values=rand(batch, heads, sink, head_dim),
+        sink_lengths=sink_lengths.to(DEVICE),
+        middle_keys=rand(batch, middle, layout.packed_channels),
+        middle_values=rand(batch, len(layout.value_heads), middle, head_dim),
+        middle_valid=middle_valid.to(DEVICE),
+        recent_keys=rand(batch, heads, window, head_dim),
+        recent_values=rand(batch, heads, window, head_dim),
+        recent_valid=window_valid.to(DEVICE),
+        layout=layout,
+    )
+
+
+def reference(query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
+    """The PyTorch reference on fp32 copies of the inputs."""
+    upcast = cache._replace(**{f: getattr(cache, f).float() for f in PrunedKV._fields if _is_float(getattr(cache, f))})
+    return leank_attention_reference(query.float(), upcast, scaling)
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+SHAPES = [
+    # batch, q heads, kv heads, head_dim, align, sink, middle, window
+    pytest.param(1, 4, 2, 64, 16, 4, 37, 9, id="gqa2-odd-lengths"),
+    pytest.param(3, 8, 2, 64, 32, 8, 130, 40, id="batch3-gqa4-align32"),
+    pytest.param(2, 2, 2, 64, 16, 0, 0, 5, id="no-sink-no-middle"),
+    pytest.param(2, 1, 1, 32, 16, 3, 65, 1, id="mha-single-head-window-1"),
+    pytest.param(1, 8, 1, 128, 32, 16, 300, 17, id="mqa-head128"),
+]
+
+
+@pytest.mark.parametrize(("batch", "hq", "h", "d", "align", "sink", "middle", "window"), SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_reference(batch, hq, h, d, align, sink, middle, window, dtype):
+    seed = hash((batch, hq, h, d, sink, middle, window)) % 2**31
+    cache = random_cache(batch, h, d, align, sink, middle, window, dtype, seed, prune_head=0 if h > 1 else None)
+    query = torch.randn(batch, hq, 1, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    scaling = 0.7 / d**0.5  # any scaling the model passes (Gemma3 does not use 1/sqrt(d))
+    assert supports(query, cache)
+    out = leank_decode_triton(query, cache, scaling)
+    assert out.shape == query.shape and out.dtype == dtype
+    assert_close(out, reference(query, cache, scaling), dtype)
+
+
+def test_every_head_fully_pruned_reads_only_sink_and_window():
+    dtype = DTYPES[-1]
+    cache = random_cache(2, 2, 64, 16, 4, 50, 6, dtype, seed=3)
+    layout = ChannelLayout.from_mask(torch.zeros(2, 64, dtype=torch.bool), DEVICE)
+    cache = cache._replace(
+        layout=layout,
+        middle_keys=cache.middle_keys[..., :0],
+        middle_values=cache.middle_values[:, :0],
+    )
+    query = torch.randn(2, 4, 1, 64).to(DEVICE, dtype)
+    assert_close(leank_decode_triton(query, cache, 0.125), reference(query, cache, 0.125), dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="large shapes only with the compiled kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "middle"), [(1, 32768), (8, 4000), (32, 1500)])
+def test_kernel_matches_reference_at_real_shapes(dtype, batch, middle):
+    cache = random_cache(batch, 8, 128, 32, 64, middle, 300, dtype, seed=batch)
+    query = torch.randn(batch, 32, 1, 128, device=DEVICE, dtype=dtype)
+    out = leank_decode_triton(query, cache, 128**-0.5)
+    assert_close(out, reference(query, cache, 128**-0.5), dtype)
+
+
+def test_supports_only_what_the_kernel_handles():
+    cache = random_cache(1, 2, 64, 16, 2, 10, 3, torch.bfloat16, seed=0)
+    query = torch.randn(1, 2, 1, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert supports(query, cache)
+    assert not supports(query.float(), cache), "fp32 takes the reference path"
+    assert not supports(torch.randn(1, 2, 3, 64, dtype=torch.bfloat16, device=DEVICE), cache), "Q > 1"
+    eight_channels = torch.zeros(2, 64, dtype=torch.bool)
+    eight_channels[0, :8] = True  # tiles of 8 channels are below tl.dot's minimum of 16
+    assert not supports(query, cache._replace(layout=ChannelLayout.from_mask(eight_channels)))
