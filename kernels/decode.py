@@ -1,17 +1,20 @@
 """Triton decode kernel: one query token per row over a pruned LeanK cache, reading only the kept bytes.
 
 Split-KV (flash-decoding): program `(b * H + h, split)` handles KV head `h` of row `b` for one slice of the middle
-tokens; split 0 also takes the full-width sink and window tokens. The query heads of a KV head (GQA) are the rows
-of one tile, so every K/V byte is loaded once per KV head. Middle keys are read `CHUNK` kept channels at a time,
-so heads with any kept count (a multiple of `CHUNK`, 0 included) share one launch; a head that keeps nothing reads
-no middle K or V at all. Each split writes its output and log-sum-exp; `_combine_kernel` merges them.
+tokens; one extra split takes the full-width sink and window tokens. The query heads of a KV head (GQA) are the
+rows of one tile, so every K/V byte is loaded once per KV head. Middle keys are read through one channel tile as
+wide as the layer's largest kept count, masked in whole `CHUNK`s past each head's own count (masked lanes fetch
+nothing), so heads with any kept count (0 included) share one launch and a head that keeps nothing reads no middle
+K or V at all. Each split writes its output and log-sum-exp; `_combine_kernel` merges them.
 
 Run `python -m leank_hf.kernels.decode` on a CUDA machine to check one shape against the reference and time it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -20,7 +23,7 @@ import triton.language as tl
 from .layout import PrunedKV
 
 _LOG2E = 1.4426950408889634
-_BLOCK_N = 64  # tokens per tile
+_FULL_SPLIT_LEN = 128  # full-width (sink + window) tokens per program
 
 
 @triton.jit
@@ -37,14 +40,14 @@ def _online_softmax_update(scores, values, m_i, l_i, acc):
 
 @triton.jit
 def _full_width_tiles(
-    q, k_base, v_base, stride_kn, stride_vn, valid_base, stride_valid, count, limit, m_i, l_i, acc, qk_scale,
+    q, k_base, v_base, stride_kn, stride_vn, valid_base, stride_valid, begin, end, limit, m_i, l_i, acc, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, VALID_IS_COUNT: tl.constexpr,
 ):  # fmt: skip
-    """Attend over `count` full-width tokens; valid if `index < limit` (sink) or by a per-token flag (window)."""
+    """Attend over full-width tokens `[begin, end)`; valid if `index < limit` (sink) or by a per-token flag (window)."""
     offs_d = tl.arange(0, D)
-    for start in range(0, count, BLOCK_N):
+    for start in range(begin, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        in_range = offs_n < count
+        in_range = offs_n < end
         if VALID_IS_COUNT:
             valid = in_range & (offs_n < limit)
         else:
@@ -57,6 +60,12 @@ def _full_width_tiles(
     return m_i, l_i, acc
 
 
+_CONFIGS = [
+    triton.Config({"BLOCK_N": block}, num_warps=warps, num_stages=stages)
+    for block, warps, stages in [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 4)]
+]
+
+
 @triton.jit
 def _leank_decode_split_kernel(
     Q, stride_qb, stride_qh,
@@ -67,9 +76,9 @@ def _leank_decode_split_kernel(
     WinK, WinV, WinValid, stride_wb, stride_wh, stride_wn, stride_wvalb, window_len,
     KeptIdx, HeadOffsets, ValueRows,
     OutPart, LsePart, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    qk_scale, split_len,
+    qk_scale, split_len, middle_splits,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, KMAX: tl.constexpr, FULL_SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,43 +94,47 @@ def _leank_decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
 
-    # Middle tokens of this split, on the head's kept channels only.
-    head_start = tl.load(HeadOffsets + h)
-    kept = tl.load(HeadOffsets + h + 1) - head_start
-    first = split * split_len
-    last = tl.minimum(first + split_len, middle_len)
-    if kept > 0:
-        value_row = tl.load(ValueRows + h)
-        offs_c = tl.arange(0, CHUNK)
-        v_base = MidV + b * stride_mvb + value_row * stride_mvh
-        for start in range(first, last, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            in_range = offs_n < last
-            valid = in_range & (tl.load(MidValid + b * stride_mvalb + offs_n, mask=in_range, other=0) != 0)
-            scores = tl.zeros([GROUP_PAD, BLOCK_N], dtype=tl.float32)
-            for c in range(0, kept, CHUNK):
-                channels = tl.load(KeptIdx + head_start + c + offs_c)
-                q_chunk = tl.load(q_rows + channels[None, :], mask=g_mask[:, None], other=0.0)
-                k_ptrs = MidK + b * stride_mkb + offs_n[None, :] * stride_mkn + (head_start + c + offs_c)[:, None]
-                k_chunk = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
-                scores += tl.dot(q_chunk, k_chunk)
-            scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
-            v = tl.load(v_base + offs_n[:, None] * stride_mvn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_update(scores, v, m_i, l_i, acc)
-
-    # Full-width tokens (sink, then the window that ends with this step's token) go to split 0.
-    if split == 0:
+    if split < middle_splits:
+        # Middle tokens of this split, on the head's kept channels only: one KMAX-wide channel tile, masked in whole
+        # CHUNKs past the head's count (masked lanes fetch nothing), so the token loop is a plain pipelined loop.
+        head_start = tl.multiple_of(tl.load(HeadOffsets + h), CHUNK)
+        kept = tl.load(HeadOffsets + h + 1) - head_start
+        if kept > 0:
+            offs_c = tl.arange(0, KMAX)
+            c_mask = (offs_c // CHUNK) < (kept // CHUNK)
+            channels = tl.load(KeptIdx + head_start + offs_c, mask=c_mask, other=0)
+            q_kept = tl.load(q_rows + channels[None, :], mask=g_mask[:, None] & c_mask[None, :], other=0.0)
+            value_row = tl.load(ValueRows + h)
+            k_base = MidK + b * stride_mkb + head_start + offs_c[:, None]
+            v_base = MidV + b * stride_mvb + value_row * stride_mvh + offs_d[None, :]
+            valid_base = MidValid + b * stride_mvalb
+            first = split * split_len
+            last = tl.minimum(first + split_len, middle_len)
+            for start in range(first, last, BLOCK_N):
+                offs_n = start + tl.arange(0, BLOCK_N)
+                in_range = offs_n < last
+                valid = in_range & (tl.load(valid_base + offs_n, mask=in_range, other=0) != 0)
+                k = tl.load(k_base + offs_n[None, :] * stride_mkn, mask=c_mask[:, None] & in_range[None, :], other=0.0)
+                scores = tl.where(valid[None, :], tl.dot(q_kept, k) * qk_scale, float("-inf"))
+                v = tl.load(v_base + offs_n[:, None] * stride_mvn, mask=in_range[:, None], other=0.0)
+                m_i, l_i, acc = _online_softmax_update(scores, v, m_i, l_i, acc)
+    else:
+        # The remaining splits share the full-width tokens: the sink, then the window (ending with this step's token),
+        # `FULL_SPLIT_LEN` tokens of their concatenation each.
+        lo = (split - middle_splits) * FULL_SPLIT_LEN
+        hi = lo + FULL_SPLIT_LEN
         q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)  # [G, D]
         sink_len = tl.load(SinkLen + b)
         sink_offset = b * stride_sb + h * stride_sh
         m_i, l_i, acc = _full_width_tiles(
-            q, SinkK + sink_offset, SinkV + sink_offset, stride_sn, stride_sn, SinkLen, 0, sink_slots, sink_len,
-            m_i, l_i, acc, qk_scale, D, BLOCK_N, True,
+            q, SinkK + sink_offset, SinkV + sink_offset, stride_sn, stride_sn, SinkLen, 0,
+            tl.minimum(lo, sink_slots), tl.minimum(hi, sink_slots), sink_len, m_i, l_i, acc, qk_scale, D, BLOCK_N, True,
         )  # fmt: skip
         window_offset = b * stride_wb + h * stride_wh
         m_i, l_i, acc = _full_width_tiles(
             q, WinK + window_offset, WinV + window_offset, stride_wn, stride_wn, WinValid + b * stride_wvalb, 1,
-            window_len, 0, m_i, l_i, acc, qk_scale, D, BLOCK_N, False,
+            tl.maximum(lo - sink_slots, 0), tl.minimum(hi - sink_slots, window_len), 0, m_i, l_i, acc, qk_scale, D,
+            BLOCK_N, False,
         )  # fmt: skip
 
     has_keys = l_i > 0
@@ -130,6 +143,17 @@ def _leank_decode_split_kernel(
     out_ptrs = OutPart + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(out_ptrs, out, mask=g_mask[:, None])
     tl.store(LsePart + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+
+
+# Autotuned on shapes only, never on lengths, so a growing cache never recompiles. The interpreter (CPU tests) has
+# no device to time configs on and runs the first one.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_split_kernel = (
+    _leank_decode_split_kernel
+    if _INTERPRETED
+    else triton.autotune(configs=_CONFIGS, key=["KMAX", "D", "GROUP_PAD", "NUM_KV_HEADS"])(_leank_decode_split_kernel)
+)
+_FIXED_CONFIG = {"BLOCK_N": _CONFIGS[0].kwargs["BLOCK_N"]} if _INTERPRETED else {}
 
 
 @triton.jit
@@ -169,11 +193,16 @@ def supports(query: torch.Tensor, cache: PrunedKV) -> bool:
     )
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _num_splits(batch_heads: int, middle_len: int, device: torch.device) -> int:
     """A power of two (so the combine kernel compiles for few sizes) that gives the GPU a few waves of programs."""
     if middle_len <= 0:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device)
     wanted = max(1, math.ceil(4 * sms / batch_heads))
     by_length = max(1, middle_len // 256)  # at least ~256 middle tokens per split
     return 1 << (min(wanted, by_length, 256).bit_length() - 1)
@@ -200,8 +229,10 @@ def leank_decode_triton(query: torch.Tensor, cache: PrunedKV, scaling: float) ->
     if not supports(query, cache):
         raise ValueError("this query/cache is outside what leank_decode_triton handles; see `supports`")
     middle_len = cache.middle_keys.shape[1]
-    splits = _num_splits(batch * num_heads, middle_len, query.device)
-    split_len = triton.cdiv(triton.cdiv(max(middle_len, 1), splits), _BLOCK_N) * _BLOCK_N
+    middle_splits = _num_splits(batch * num_heads, middle_len, query.device)
+    split_len = triton.cdiv(triton.cdiv(max(middle_len, 1), middle_splits), 128) * 128
+    full_tokens = cache.sink_keys.shape[2] + cache.recent_keys.shape[2]
+    splits = middle_splits + triton.cdiv(full_tokens, _FULL_SPLIT_LEN)
 
     q = query[:, :, 0]
     out_part = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
@@ -210,7 +241,7 @@ def leank_decode_triton(query: torch.Tensor, cache: PrunedKV, scaling: float) ->
     sink_k, sink_v = cache.sink_keys, cache.sink_values
     if sink_k.stride() != sink_v.stride() or win_k.stride() != win_v.stride():
         raise ValueError("sink (and window) keys and values must share one layout")
-    _leank_decode_split_kernel[(batch * num_heads, splits)](
+    _split_kernel[(batch * num_heads, splits)](
         q, q.stride(0), q.stride(1),
         sink_k, sink_v, cache.sink_lengths, sink_k.stride(0), sink_k.stride(1), sink_k.stride(2), sink_k.shape[2],
         mid_k, mid_k.stride(0), mid_k.stride(1),
@@ -221,14 +252,14 @@ def leank_decode_triton(query: torch.Tensor, cache: PrunedKV, scaling: float) ->
         layout.kept_flat, layout.offsets_table, layout.value_rows_table,
         out_part, lse_part, out_part.stride(0), out_part.stride(1), out_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
-        scaling * _LOG2E, split_len,
+        scaling * _LOG2E, split_len, middle_splits,
         NUM_KV_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim,
-        CHUNK=chunk, BLOCK_N=_BLOCK_N,
+        CHUNK=chunk, KMAX=layout.max_kept, FULL_SPLIT_LEN=_FULL_SPLIT_LEN, **_FIXED_CONFIG,
     )  # fmt: skip
     out = torch.empty(batch, num_q_heads, 1, head_dim, dtype=query.dtype, device=query.device)
     _combine_kernel[(batch * num_q_heads,)](
         out_part, lse_part, out, out_part.stride(0), out_part.stride(1), out_part.stride(2),
         lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), splits,
-        NUM_Q_HEADS=num_q_heads, SPLITS_PAD=max(2, splits), D=head_dim,
+        NUM_Q_HEADS=num_q_heads, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), D=head_dim,
     )  # fmt: skip
     return out

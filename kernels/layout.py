@@ -26,6 +26,7 @@ class ChannelLayout:
         offsets_table: `offsets` as an int32 tensor, for kernels.
         value_rows_table: `value_rows` as an int32 tensor, for kernels.
         chunk: largest power of two (<= 64) dividing every head's kept count: the kernels' channel tile.
+        max_kept: the largest kept count rounded up to a power of two (at least 16): the kernels' channel width.
     """
 
     kept: tuple[torch.Tensor, ...]
@@ -37,6 +38,7 @@ class ChannelLayout:
     offsets_table: torch.Tensor
     value_rows_table: torch.Tensor
     chunk: int
+    max_kept: int
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> ChannelLayout:
@@ -61,6 +63,7 @@ class ChannelLayout:
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
             value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
             chunk=chunk,
+            max_kept=max(16, 1 << (max(counts, default=1) - 1).bit_length()),
         )
 
     @property

@@ -72,6 +72,7 @@ SHAPES = [
     pytest.param(2, 2, 2, 64, 16, 0, 0, 5, id="no-sink-no-middle"),
     pytest.param(2, 1, 1, 32, 16, 3, 65, 1, id="mha-single-head-window-1"),
     pytest.param(1, 8, 1, 128, 32, 16, 300, 17, id="mqa-head128"),
+    pytest.param(2, 4, 2, 64, 16, 40, 20, 200, id="full-width-tokens-over-several-splits"),
 ]
 
 

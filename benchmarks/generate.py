@@ -1,0 +1,124 @@
+"""End to end: `model.generate` with LeanKCache vs the stock DynamicCache (SDPA), Llama-3.1-8B config, random weights.
+
+For each cache: KV/activation peak memory above the weights, prefill time, decode tokens/s (all rows, 128 new tokens
+forced), and optionally the largest batch that fits. Random weights make the text meaningless but the work real.
+
+    python benchmarks/generate.py --prompt 4096 --batch 16 [--find-max-batch]
+    python benchmarks/generate.py --prompt 32768 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from leank_hf import LeanKCache, LeanKMasks
+
+LLAMA_31_8B = {
+    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+    "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "rms_norm_eps": 1e-5,
+}  # fmt: skip
+
+
+def build_model() -> LlamaForCausalLM:
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B))
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def make_cache(kind: str, model, masks: LeanKMasks):
+    return DynamicCache(config=model.config) if kind == "DynamicCache" else LeanKCache(masks, model)
+
+
+def run(model, masks, kind: str, batch: int, prompt: int, new_tokens: int) -> dict:
+    """Prefill and decode timings and peak memory of one generate call."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    common = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, past_key_values=make_cache(kind, model, masks), max_new_tokens=1, **common)
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, past_key_values=make_cache(kind, model, masks), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, **common)  # fmt: skip
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    decode = max(total - prefill, 1e-9)
+    return {
+        "cache": kind, "batch": batch, "prompt": prompt, "prefill_s": prefill, "total_s": total,
+        "decode_tok_s": batch * (new_tokens - 1) / decode,
+        "peak_gib": (torch.cuda.max_memory_allocated() - weights) / 2**30,
+    }  # fmt: skip
+
+
+def fits(model, masks, kind: str, batch: int, prompt: int, new_tokens: int) -> bool:
+    try:
+        run(model, masks, kind, batch, prompt, new_tokens)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def max_batch(model, masks, kind: str, prompt: int, new_tokens: int, start: int) -> int:
+    """Largest batch whose whole generate call fits: doubling from `start`, then bisection."""
+    low, high = 0, start
+    while fits(model, masks, kind, high, prompt, new_tokens):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(model, masks, kind, middle, prompt, new_tokens) else (low, middle)
+    return low
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--masks", default="llama-3.1-8b-instruct")
+    parser.add_argument("--find-max-batch", action="store_true")
+    args = parser.parse_args()
+
+    model = build_model()
+    masks = LeanKMasks.from_pretrained(args.masks)
+    for kind in ("DynamicCache", "LeanKCache"):  # warm-up: compilation and autotuning stay out of the numbers
+        run(model, masks, kind, 2, 1024, 8)
+    rows = [
+        run(model, masks, kind, args.batch, args.prompt, args.new_tokens) for kind in ("DynamicCache", "LeanKCache")
+    ]
+    print(f"\n{torch.cuda.get_device_name()}; torch {torch.__version__}; Llama-3.1-8B config, random bf16 weights; "
+          f"masks {args.masks} (sink {masks.sink} / recent {masks.recent}); "
+          f"{args.new_tokens} new tokens\n")  # fmt: skip
+    print("| cache | batch | prompt | prefill s | total s | decode tok/s | peak GiB above weights |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['cache']} | {r['batch']} | {r['prompt']} | {r['prefill_s']:.2f} | {r['total_s']:.2f} | "
+              f"{r['decode_tok_s']:.1f} | {r['peak_gib']:.2f} |")  # fmt: skip
+    dense, leank = rows
+    print(
+        f"\nLeanK/DynamicCache: peak memory {leank['peak_gib'] / dense['peak_gib']:.2f}x, decode tok/s "
+        f"{leank['decode_tok_s'] / dense['decode_tok_s']:.2f}x, total time {leank['total_s'] / dense['total_s']:.2f}x"
+    )
+    if args.find_max_batch:
+        largest = {kind: max_batch(model, masks, kind, args.prompt, args.new_tokens, args.batch)
+                   for kind in ("DynamicCache", "LeanKCache")}  # fmt: skip
+        print(f"\nlargest batch that fits ({args.prompt} prompt + {args.new_tokens} new tokens): {largest} "
+              f"({largest['LeanKCache'] / max(largest['DynamicCache'], 1):.2f}x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
