@@ -66,7 +66,8 @@ _CONFIGS = [
 ]
 
 
-@triton.jit
+# Lengths change every step: never specialise on them (Triton otherwise recompiles when one becomes divisible by 16).
+@triton.jit(do_not_specialize=["sink_slots", "middle_len", "window_len", "split_len", "middle_splits"])
 def _leank_decode_split_kernel(
     Q, stride_qb, stride_qh,
     SinkK, SinkV, SinkLen, stride_sb, stride_sh, stride_sn, sink_slots,
@@ -156,7 +157,7 @@ _split_kernel = (
 _FIXED_CONFIG = {"BLOCK_N": _CONFIGS[0].kwargs["BLOCK_N"]} if _INTERPRETED else {}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
     OutPart, LsePart, Out, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh, num_splits,
     NUM_Q_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,

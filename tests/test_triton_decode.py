@@ -121,3 +121,20 @@ def test_supports_only_what_the_kernel_handles():
     eight_channels = torch.zeros(2, 64, dtype=torch.bool)
     eight_channels[0, :8] = True  # tiles of 8 channels are below tl.dot's minimum of 16
     assert not supports(query, cache._replace(layout=ChannelLayout.from_mask(eight_channels)))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compilation happens only with the compiled kernel")
+def test_growing_lengths_never_recompile():
+    from leank_hf.kernels import decode
+
+    def compiled() -> int:
+        kernels = (decode._leank_decode_split_kernel, decode._combine_kernel)
+        return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
+
+    query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.float16)
+    leank_decode_triton(query, random_cache(2, 2, 64, 16, 4, 1000, 257, torch.float16, seed=0), 0.125)
+    before = compiled()
+    for step in range(1, 64):  # window and middle lengths through every residue mod 16
+        cache = random_cache(2, 2, 64, 16, 4, 1000 + 7 * step, 257 + step, torch.float16, seed=0)
+        leank_decode_triton(query, cache, 0.125)
+    assert compiled() == before
