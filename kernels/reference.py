@@ -24,24 +24,42 @@ def leank_attention_reference(query: torch.Tensor, cache: PrunedKV, scaling: flo
     Returns:
         `[B, Hq, Q, D]` attention output in the query dtype.
     """
-    batch, num_q_heads, q_len, head_dim = query.shape
+    # Multi-token steps (chunked prefill) attend in blocks of queries, so the fp32 scores stay under
+    # _SCORE_ELEMENTS instead of growing with Q x context.
+    batch, num_q_heads, q_len, _ = query.shape
+    keys = cache.sink_keys.shape[2] + cache.middle_keys.shape[1] + cache.recent_keys.shape[2]
+    block = max(1, _SCORE_ELEMENTS // max(1, batch * num_q_heads * keys))
+    outputs = [
+        _attend_block(query[:, :, start : start + block], start, q_len, cache, scaling)
+        for start in range(0, q_len, block)
+    ]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+# 2^26 fp32 scores = 256 MiB per block of queries.
+_SCORE_ELEMENTS = 1 << 26
+
+
+def _attend_block(query: torch.Tensor, first: int, q_len: int, cache: PrunedKV, scaling: float) -> torch.Tensor:
+    """`leank_attention_reference` for the step's queries `[first, first + query.shape[2])` out of `q_len`."""
+    batch, num_q_heads, block, head_dim = query.shape
     num_heads = cache.recent_keys.shape[1]
     group = num_q_heads // num_heads
     layout = cache.layout
-    # Queries of one KV head as rows g * Q + i, so every K/V segment is read once per KV head.
-    q = query.reshape(batch, num_heads, group * q_len, head_dim)
+    # Queries of one KV head as rows g * block + i, so every K/V segment is read once per KV head.
+    q = query.reshape(batch, num_heads, group * block, head_dim)
     device = query.device
 
     sink_slots, window = cache.sink_keys.shape[2], cache.recent_keys.shape[2]
     sink_valid = torch.arange(sink_slots, device=device) < cache.sink_lengths.to(device).unsqueeze(1)
-    query_pos = torch.arange(group * q_len, device=device) % q_len  # [GQ]
+    query_pos = first + torch.arange(group * block, device=device) % block  # [GQ], index within the step
     causal = torch.arange(window, device=device) <= (window - q_len + query_pos).unsqueeze(1)  # [GQ, W]
     window_ok = causal & cache.recent_valid[:, None, :]  # [B, GQ, W]
 
     sink_scores = _masked(q @ cache.sink_keys.transpose(-1, -2), sink_valid[:, None, None, :])
     window_scores = _masked(q @ cache.recent_keys.transpose(-1, -2), window_ok[:, None])
     middle_len = cache.middle_keys.shape[1]
-    middle_scores = torch.full((batch, num_heads, group * q_len, middle_len), -torch.inf, device=device)
+    middle_scores = torch.full((batch, num_heads, group * block, middle_len), -torch.inf, device=device)
     for head in range(num_heads):
         if layout.value_rows[head] < 0:
             continue
@@ -61,7 +79,7 @@ def leank_attention_reference(query: torch.Tensor, cache: PrunedKV, scaling: flo
         row = layout.value_rows[head]
         if row >= 0:
             out[:, head] += p_mid[:, head] @ cache.middle_values[:, row]
-    return out.reshape(batch, num_q_heads, q_len, head_dim).to(query.dtype)
+    return out.reshape(batch, num_q_heads, block, head_dim).to(query.dtype)
 
 
 def _masked(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

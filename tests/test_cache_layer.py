@@ -215,3 +215,16 @@ def test_pending_step_used_by_other_attention_explains_fix():
     step, _ = layer.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16))
     with pytest.raises(AttributeError, match="attn_implementation must be 'leank'"):
         _ = step.shape
+
+
+@pytest.mark.parametrize("score_budget", [1, 700])
+def test_multi_token_steps_in_query_blocks_match_dense_definition(monkeypatch, score_budget):
+    """Chunked-prefill-like steps with the reference path's score budget forcing one or a few queries per block."""
+    monkeypatch.setattr("leank_hf.kernels.reference._SCORE_ELEMENTS", score_budget)
+    generator = torch.Generator().manual_seed(11)
+    mask = random_mask(2, 32, 8, generator)
+    layer = LeanKLayer(mask, sink=3, recent=6, block_size=3)
+    for _, output, expected, query_valid in drive_layer(layer, [9, 7, 5, 8, 1, 1], [2, 0], 4, 32, torch.float32,
+                                                         generator):  # fmt: skip
+        rows = query_valid[:, None, :].expand(-1, 4, -1)
+        assert_close(output[rows], expected[rows], torch.float32)
