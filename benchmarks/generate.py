@@ -36,10 +36,11 @@ def make_cache(kind: str, model, masks: LeanKMasks):
     return DynamicCache(config=model.config) if kind == "DynamicCache" else LeanKCache(masks, model)
 
 
-def run(model, masks, kind: str, batch: int, prompt: int, new_tokens: int) -> dict:
+def run(model, masks, kind: str, batch: int, prompt: int, new_tokens: int, prefill_chunk: int | None = None) -> dict:
     """Prefill and decode timings and peak memory of one generate call."""
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
-    common = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+    common = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0,
+              "prefill_chunk_size": prefill_chunk}  # fmt: skip
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -63,24 +64,27 @@ def run(model, masks, kind: str, batch: int, prompt: int, new_tokens: int) -> di
     }  # fmt: skip
 
 
-def fits(model, masks, kind: str, batch: int, prompt: int, new_tokens: int) -> bool:
+def fits(model, masks, kind: str, batch: int, prompt: int, new_tokens: int, prefill_chunk: int | None) -> bool:
     try:
-        run(model, masks, kind, batch, prompt, new_tokens)
-        return True
+        run(model, masks, kind, batch, prompt, new_tokens, prefill_chunk)
+        ok = True
     except torch.OutOfMemoryError:
-        return False
-    finally:
-        torch.cuda.empty_cache()
+        ok = False
+    torch.cuda.empty_cache()
+    print(f"  {kind} batch {batch}: {'fits' if ok else 'out of memory'}", flush=True)
+    return ok
 
 
-def max_batch(model, masks, kind: str, prompt: int, new_tokens: int, start: int) -> int:
+def max_batch(model, masks, kind: str, prompt: int, new_tokens: int, start: int, prefill_chunk: int | None) -> int:
     """Largest batch whose whole generate call fits: doubling from `start`, then bisection."""
     low, high = 0, start
-    while fits(model, masks, kind, high, prompt, new_tokens):
+    while fits(model, masks, kind, high, prompt, new_tokens, prefill_chunk):
         low, high = high, high * 2
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if fits(model, masks, kind, middle, prompt, new_tokens) else (low, middle)
+        low, high = (
+            (middle, high) if fits(model, masks, kind, middle, prompt, new_tokens, prefill_chunk) else (low, middle)
+        )
     return low
 
 
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--masks", default="llama-3.1-8b-instruct")
     parser.add_argument("--find-max-batch", action="store_true")
+    parser.add_argument("--prefill-chunk", type=int, help="generate's prefill_chunk_size (both caches)")
+    parser.add_argument("--skip-equal-batch", action="store_true", help="only search the largest batch")
     args = parser.parse_args()
 
     model = build_model()
