@@ -7,7 +7,7 @@ wide as the layer's largest kept count, masked in whole `CHUNK`s past each head'
 nothing), so heads with any kept count (0 included) share one launch and a head that keeps nothing reads no middle
 K or V at all. Each split writes its output and log-sum-exp; `_combine_kernel` merges them.
 
-Run `python -m leank_hf.kernels.decode` on a CUDA machine to check one shape against the reference and time it.
+`benchmarks/decode_attention.py` times it against SDPA; `tests/test_triton_decode.py` checks it against the reference.
 """
 
 from __future__ import annotations
