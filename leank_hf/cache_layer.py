@@ -24,8 +24,8 @@ _NOT_LEANK_ATTENTION = (
 class PendingStep:
     """This step's new keys and values, handed by `LeanKLayer.update` to the LeanK attention function.
 
-    They are stored only after attention ran (`LeanKLayer.commit`), because attention needs the cache as it was
-    before the step, and the padding of the new tokens, which only the attention mask carries.
+    The attention function stores them (`LeanKLayer.stage` before pruned attention, `commit` after the exact prefill),
+    because only the attention mask it receives carries the padding of the new tokens.
     """
 
     __slots__ = ("keys", "layer", "values")
@@ -312,19 +312,15 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _grown(
-    tensor: torch.Tensor, dim: int, used: int, needed: int, block: int, limit: int | None = None
-) -> torch.Tensor:
+def _grown(tensor: torch.Tensor, dim: int, used: int, needed: int, block: int) -> torch.Tensor:
     """`tensor` with room for `needed` entries along `dim`, keeping the first `used`.
 
-    Capacity grows by about `_GROWTH_FRACTION` of itself, in whole blocks, capped at `limit` (a fixed-size window).
+    Capacity grows by about `_GROWTH_FRACTION` of itself, in whole blocks.
     """
     capacity = tensor.shape[dim]
     if needed <= capacity:
         return tensor
     new_capacity = _round_up(max(needed, int(capacity * (1 + _GROWTH_FRACTION))), block)
-    if limit is not None:
-        new_capacity = max(needed, min(new_capacity, limit))
     shape = list(tensor.shape)
     shape[dim] = new_capacity
     grown = tensor.new_empty(shape)
