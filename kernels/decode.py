@@ -218,22 +218,23 @@ def leank_decode_triton(query: torch.Tensor, cache: PrunedKV, scaling: float) ->
     """Same as `leank_attention_reference` for one query token per row (`Q == 1`), in one split + one merge launch.
 
     Args:
-        query: `[B, Hq, 1, D]`, bf16/fp16/fp32; D a power of two (64, 128).
+        query: `[B, Hq, 1, D]`, bf16/fp16; D a power of two (64, 128). Other steps: see `supports`.
         cache: the stored tokens; the window ends with this step's token (see `PrunedKV`).
         scaling: multiplier of q·k.
 
     Returns:
         `[B, Hq, 1, D]` in the query dtype (fp32 accumulation).
     """
-    batch, num_q_heads, q_len, head_dim = query.shape
-    if q_len != 1:
-        raise ValueError(f"leank_decode_triton handles one query token per row, got {q_len}")
+    if not supports(query, cache):
+        raise ValueError(
+            f"leank_decode_triton handles one bf16/fp16 query token per row with kept counts in multiples of 16; got "
+            f"query {tuple(query.shape)} {query.dtype}, channel tile {cache.layout.chunk} (see `supports`)"
+        )
+    batch, num_q_heads, _, head_dim = query.shape
     layout = cache.layout
     num_heads = cache.recent_keys.shape[1]
     group = num_q_heads // num_heads
     chunk = layout.chunk
-    if not supports(query, cache):
-        raise ValueError("this query/cache is outside what leank_decode_triton handles; see `supports`")
     middle_len = cache.middle_keys.shape[1]
     middle_splits = _num_splits(batch * num_heads, middle_len, query.device)
     split_len = triton.cdiv(triton.cdiv(max(middle_len, 1), middle_splits), 128) * 128

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 # Decoder families whose attention hands post-RoPE keys straight from `past_key_values.update` to the
 # `AttentionInterface` function, which is what LeanK hooks into. Keys are `model_type`s of the text config.
@@ -69,6 +69,11 @@ class ModelSpec:
             layer_types=tuple(layer_types),
             sliding_window=getattr(text, "sliding_window", None),
         )
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel) -> ModelSpec:
+        """`from_config` of the model's config, naming the model's class in errors."""
+        return cls.from_config(model.config, type(model).__name__)
 
     @property
     def leank_layers(self) -> list[int]:

@@ -46,7 +46,7 @@ class LeanKCache(Cache):
         recent: int | None = None,
         block_size: int | None = None,
     ) -> None:
-        spec = ModelSpec.from_config(model.config, type(model).__name__)
+        spec = ModelSpec.from_model(model)
         masks.check_compatible(spec, getattr(model.config, "_name_or_path", None))
         sink = masks.sink if sink is None else sink
         recent = masks.recent if recent is None else recent

@@ -220,12 +220,13 @@ class LeanKLayer(CacheLayerMixin):
         capacity = min(self.recent_keys.shape[2], _round_up(self.recent + self.block_size, self.block_size))
         for name in ("recent_keys", "recent_values", "recent_valid"):
             tensor = getattr(self, name)
-            kept = tensor.narrow(-2 if tensor.ndim == 4 else -1, leaving, self.recent).clone()
-            if tensor.shape[-2 if tensor.ndim == 4 else -1] > capacity:
+            axis = 2 if tensor.ndim == 4 else 1  # tokens: [B, H, W, D] keys/values, [B, W] flags
+            kept = tensor.narrow(axis, leaving, self.recent).clone()
+            if tensor.shape[axis] > capacity:
                 shape = list(tensor.shape)
-                shape[-2 if tensor.ndim == 4 else -1] = capacity
+                shape[axis] = capacity
                 tensor = tensor.new_empty(shape)
-            tensor.narrow(-2 if tensor.ndim == 4 else -1, 0, self.recent).copy_(kept)
+            tensor.narrow(axis, 0, self.recent).copy_(kept)
             setattr(self, name, tensor)
         self._window = self.recent
 

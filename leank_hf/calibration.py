@@ -90,7 +90,7 @@ def calibrate(
     **config: Any,
 ) -> LeanKMasks:
     """Implementation of `LeanKMasks.from_calibration` (see there)."""
-    spec = ModelSpec.from_config(model.config, type(model).__name__)
+    spec = ModelSpec.from_model(model)
     input_ids, attention_mask = _as_token_batch(input_ids, attention_mask, tokenizer)
     device = next(model.parameters()).device
     with torch.no_grad(), recording(model, spec) as stats:
