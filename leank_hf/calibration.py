@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +22,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _CALIBRATION_IMPLEMENTATION = "leank_calibration"
-_active_stats: contextvars.ContextVar[ChannelStats | None] = contextvars.ContextVar("leank_calibration", default=None)
+_active_stats: contextvars.ContextVar[StatsRecorder | None] = contextvars.ContextVar("leank_calibration", default=None)
+
+
+class StatsRecorder(Protocol):
+    """What `recording` feeds: every attention call's post-RoPE queries and keys."""
+
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None) -> None: ...
 
 
 class ChannelStats:
@@ -63,12 +69,11 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 @contextlib.contextmanager
-def recording(model: PreTrainedModel, spec: ModelSpec) -> Iterator[ChannelStats]:
-    """Within the block, forwards of `model` add their post-RoPE q/k magnitudes to the yielded `ChannelStats`."""
+def recording(model: PreTrainedModel, stats: StatsRecorder) -> Iterator[StatsRecorder]:
+    """Within the block, forwards of `model` hand their post-RoPE queries and keys to `stats.add` (then run SDPA)."""
     AttentionInterface.register(_CALIBRATION_IMPLEMENTATION, _recording_attention)
     AttentionMaskInterface.register(_CALIBRATION_IMPLEMENTATION, sdpa_mask)
     previous = model.config._attn_implementation
-    stats = ChannelStats(spec)
     token = _active_stats.set(stats)
     model.set_attn_implementation(_CALIBRATION_IMPLEMENTATION)
     try:
@@ -93,7 +98,7 @@ def calibrate(
     spec = ModelSpec.from_model(model)
     input_ids, attention_mask = _as_token_batch(input_ids, attention_mask, tokenizer)
     device = next(model.parameters()).device
-    with torch.no_grad(), recording(model, spec) as stats:
+    with torch.no_grad(), recording(model, ChannelStats(spec)) as stats:
         for start in tqdm(range(0, len(input_ids), batch_size), desc="LeanK calibration", unit="batch"):
             ids = input_ids[start : start + batch_size].to(device)
             mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None

@@ -49,7 +49,7 @@ def test_scores_match_independent_computation_with_padding():
     from leank_hf import ModelSpec
 
     spec = ModelSpec.from_config(model.config)
-    with torch.no_grad(), recording(model, spec) as stats:
+    with torch.no_grad(), recording(model, ChannelStats(spec)) as stats:
         model(**inputs)
     assert model.config._attn_implementation == "sdpa", "the model's attention implementation is restored"
     expected = independent_scores(model, inputs["input_ids"], inputs["attention_mask"])
