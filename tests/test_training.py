@@ -1,0 +1,297 @@
+"""Mask learning: the student against the full model and against real LeanK decoding, STE, the callback, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+from leank_hf import LeanKCache, LeanKMasks, select_channels
+from leank_hf.training import (
+    LeanKMaskCallback,
+    MaskLearner,
+    make_retrieval_dataset,
+    prepare_for_mask_learning,
+    student_attention,
+)
+from leank_hf.training.student_attention import masked_answer_attention
+
+from .conftest import FAMILIES, tiny_llama, tiny_model
+from .tolerances import assert_close
+
+SINK, RECENT = 4, 8
+
+
+def answer_batch(vocab: int, prompt_lengths: list[int], answer: int, pad_left: bool, seed: int = 0) -> dict:
+    """Padded rows of random prompts followed by `answer` labelled tokens (labels -100 elsewhere)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = max(prompt_lengths) + answer
+    ids = torch.zeros(len(prompt_lengths), total, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, length in enumerate(prompt_lengths):
+        tokens = torch.randint(3, vocab, (length + answer,), generator=generator)
+        span = slice(total - length - answer, total) if pad_left else slice(0, length + answer)
+        ids[row, span], mask[row, span] = tokens, 1
+        labels[row, span.start + length : span.start + length + answer] = tokens[length:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def hidden_states_of(learner: MaskLearner, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) final hidden states of the answer tokens in one learner forward."""
+    captured = []
+    handle = learner.model.base_model.register_forward_hook(lambda m, i, out: captured.append(out.last_hidden_state))
+    try:
+        learner(**batch)
+    finally:
+        handle.remove()
+    return captured[1], captured[2]  # prefill, teacher, student
+
+
+def balanced_scales(learner: MaskLearner, seed: int = 0) -> torch.Tensor:
+    """Scales whose top half in every head is clearly above the rest, so a 50 % global selection keeps half of
+    every head and no head is fully pruned."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = learner.channel_scales.shape
+    order = torch.rand(shape, generator=generator).argsort(-1)
+    high = torch.rand(shape, generator=generator) * 0.4 + 0.6
+    low = torch.rand(shape, generator=generator) * 0.4
+    return torch.where(order < shape[-1] // 2, high, low)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("pad_left", [True, False])
+def test_student_equals_the_full_model_when_every_scale_is_one(family, pad_left):
+    model = tiny_model(family)
+    learner = prepare_for_mask_learning(model, sink=SINK, recent=RECENT)
+    batch = answer_batch(model.config.vocab_size, [30, 19], answer=5, pad_left=pad_left)
+    output = learner(**batch)
+    assert output.distillation < 1e-10
+    teacher, student = hidden_states_of(learner, batch)
+    torch.testing.assert_close(student, teacher, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_binary_student_is_exactly_leank_decoding(family):
+    """Training and inference agree: the binary-stage student's hidden states equal those of `generate`-style
+    decoding of the answer tokens, one at a time, on a LeanKCache with the exported masks (block size 1, so the
+    window is exactly `recent` past tokens), fully pruned heads included."""
+    model = tiny_model(family)
+    learner = prepare_for_mask_learning(model, sink=SINK, recent=RECENT)
+    with torch.no_grad():
+        learner.channel_scales.uniform_(0, 1, generator=torch.Generator().manual_seed(1))
+        learner.channel_scales[0, 0] *= 0.01  # this head loses every channel
+    learner.stage, learner.keep_ratio = "binary", 0.4
+    masks = learner.export_masks().replace(block_size=1)
+    assert (masks.kept_counts[masks.pruned_layers] == 0).any(), "exercise fully pruned heads"
+    prompt, answer = 33, 6
+    batch = answer_batch(model.config.vocab_size, [prompt], answer=answer, pad_left=True, seed=2)
+    _, student = hidden_states_of(learner, batch)
+
+    ids = batch["input_ids"]
+    cache = LeanKCache(masks, model)
+    with torch.no_grad():
+        model.base_model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True)
+        decoded = torch.cat([
+            model.base_model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).last_hidden_state
+            for t in range(prompt, prompt + answer)
+        ], dim=1)  # fmt: skip
+    torch.testing.assert_close(student, decoded, rtol=0, atol=2e-5)
+
+
+def naive_answer_attention(query, key, value, allowed, middle, multiplier, dropped, scaling):
+    """One query at a time, straight from the definition, in float64."""
+    batch, q_heads, queries, _ = query.shape
+    group = q_heads // key.shape[1]
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            kv = h // group
+            for a in range(queries):
+                keys = key[b, kv].double().clone()
+                keys[middle[b, a]] = keys[middle[b, a]] * multiplier[kv].double()
+                visible = allowed[b, a].clone()
+                if dropped is not None and dropped[kv]:
+                    visible &= ~middle[b, a]
+                scores = (keys[visible] @ query[b, h, a].double()) * scaling
+                out[b, h, a] = scores.softmax(-1) @ value[b, kv][visible].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_masked_answer_attention_matches_the_definition(dtype, group, monkeypatch):
+    monkeypatch.setattr(student_attention, "_MAX_SCORES", 2 * 4 * group * 40)  # several chunks of answer queries
+    generator = torch.Generator().manual_seed(group)
+    batch, heads, queries, keys, dim = 2, 2, 7, 40, 32
+    query = torch.randn(batch, heads * group, queries, dim, generator=generator).to(dtype)
+    key = torch.randn(batch, heads, keys, dim, generator=generator).to(dtype)
+    value = torch.randn(batch, heads, keys, dim, generator=generator).to(dtype)
+    positions = torch.arange(keys)
+    allowed = (positions[None, None] <= positions[keys - queries :, None]).expand(batch, queries, keys).clone()
+    allowed[1, :, :3] = False  # row 1 is left-padded
+    middle = (positions[None, None] >= 5) & (positions[keys - queries :, None] - positions[None, None] > 10)
+    middle = middle.expand(batch, queries, keys)
+    multiplier = torch.rand(heads, dim, generator=generator)
+    dropped = torch.tensor([False, True])
+    out = masked_answer_attention(query, key, value, allowed[:, None], middle, multiplier, dropped, 0.2)
+    expected = naive_answer_attention(query, key, value, allowed, middle, multiplier, dropped, 0.2)
+    assert_close(out, expected, dtype)
+
+
+def test_straight_through_gradient_is_the_gradient_of_the_binary_mask():
+    """Binary stage: the forward sees only the binarised mask, and d loss / d scale equals d loss / d mask."""
+    model = tiny_model("llama")
+    batch = answer_batch(model.config.vocab_size, [36], answer=4, pad_left=True)
+    binary = prepare_for_mask_learning(model, sink=SINK, recent=RECENT)
+    with torch.no_grad():
+        binary.channel_scales.copy_(balanced_scales(binary))
+    binary.stage, binary.keep_ratio = "binary", 0.5
+    hard = binary.binary_mask().float()
+    assert (hard.sum(-1) == 16).all()
+
+    as_mask = prepare_for_mask_learning(tiny_model("llama"), sink=SINK, recent=RECENT)
+    with torch.no_grad():
+        as_mask.channel_scales.copy_(hard)  # continuous stage with the 0/1 mask as scales
+    for learner in (binary, as_mask):
+        learner(**batch).loss.backward()  # l1_weight is 0 without the callback
+    torch.testing.assert_close(binary.channel_scales.grad, as_mask.channel_scales.grad, rtol=1e-5, atol=1e-9)
+    assert binary.channel_scales.grad[hard == 0].abs().sum() > 0, "pruned channels still get a gradient"
+
+    # Moving scales without changing which channels win changes nothing in the forward.
+    loss = binary(**batch).distillation
+    with torch.no_grad():
+        binary.channel_scales.mul_(0.9)
+    assert torch.equal(binary.binary_mask(), hard.bool())
+    assert binary(**batch).distillation == loss
+
+
+def test_export_is_exact_aligned_binarisation_and_skips_sliding_layers():
+    model = tiny_model("gemma3")
+    learner = prepare_for_mask_learning(model, sink=SINK, recent=RECENT)
+    assert learner.channel_scales.shape == (1, 2, 32), "only the full-attention layer learns"
+    with torch.no_grad():
+        learner.channel_scales.uniform_(0, 1, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="no keep ratio"):
+        learner.export_masks()
+    masks = learner.export_masks(keep_ratio=0.5, align=16)
+    assert isinstance(masks, LeanKMasks) and masks.keep_ratio == 0.5 and masks.align == 16
+    assert masks.channel_mask[[0, 2]].all(), "sliding layers keep every channel"
+    expected = select_channels(learner.full_scales(), 0.5, 16, layers=[1])
+    assert torch.equal(masks.channel_mask, expected)
+    assert (masks.sink, masks.recent, masks.model_type, masks.method["name"]) == (
+        SINK,
+        RECENT,
+        "gemma3_text",
+        "learned",
+    )
+    LeanKCache(masks, model)
+
+
+def test_checkpoints_hold_only_the_scales():
+    learner = prepare_for_mask_learning(tiny_model("llama"))
+    state = learner.state_dict()
+    assert list(state) == ["channel_scales"]
+    other = prepare_for_mask_learning(tiny_model("llama", seed=1))
+    with torch.no_grad():
+        state["channel_scales"].mul_(0.5)
+    result = other.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(other.channel_scales, learner.channel_scales)
+    assert not any(p.requires_grad for p in learner.model.parameters())
+
+
+def test_bad_batches_are_named():
+    learner = prepare_for_mask_learning(tiny_model("llama"))
+    batch = answer_batch(96, [10], answer=3, pad_left=True)
+    with pytest.raises(ValueError, match="needs labels"):
+        learner(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="no answer tokens"):
+        learner(input_ids=batch["input_ids"], labels=torch.full_like(batch["input_ids"], -100))
+    with pytest.raises(ValueError, match="labels shape"):
+        learner(input_ids=batch["input_ids"], labels=batch["labels"][:, :-1])
+
+
+# ------------------------------------------------------------------------------------------------ Trainer
+class Recorder(TrainerCallback):
+    """Scale range and learner state after every step, and the optimizer's learning rate."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        scales = model.channel_scales.detach()
+        moments = [s.get("step") for s in optimizer.state.values()]
+        self.steps.append({
+            "step": state.global_step, "min": float(scales.min()), "max": float(scales.max()), "stage": model.stage,
+            "l1_weight": model.l1_weight, "lr": optimizer.param_groups[0]["lr"],
+            "adam_step": float(moments[0]) if moments else None,
+        })  # fmt: skip
+
+
+def train_tiny(tokenizer, output_dir, *, max_steps=8, stage1=4, save_steps=100, resume=None, callbacks=()):
+    model = tiny_llama(len(tokenizer))
+    learner = prepare_for_mask_learning(model, sink=SINK, recent=16)
+    data = make_retrieval_dataset(tokenizer, lengths=(100, 160), n=16, facts=(1, 2))
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=0.2,
+        lr_scheduler_type="constant", logging_steps=2, save_steps=save_steps, report_to="none", seed=0, use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    callback = LeanKMaskCallback(keep_ratio=0.5, align=16, stage1_steps=stage1, stage2_steps=max_steps - stage1,
+                                 l1_weight=0.5, stage2_learning_rate=0.05)  # fmt: skip
+    trainer = Trainer(model=learner, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer),
+                      callbacks=[callback, *callbacks])  # fmt: skip
+    trainer.train(resume_from_checkpoint=resume)
+    return learner, trainer
+
+
+def test_trainer_runs_both_stages_clamps_logs_and_saves(smollm2_tokenizer, tmp_path):
+    recorder = Recorder()
+    learner, trainer = train_tiny(smollm2_tokenizer, tmp_path, save_steps=3, callbacks=[recorder])
+    steps = recorder.steps
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert all(s["min"] >= 0.0 and s["max"] <= 1.0 for s in steps), "scales stay in [0, 1]"
+    assert steps[0]["max"] < 1.0, "the L1 penalty pulls scales down in stage 1"
+    assert [s["stage"] for s in steps] == ["continuous"] * 4 + ["binary"] * 4
+    assert [s["l1_weight"] for s in steps] == [0.5] * 4 + [0.0] * 4
+    assert [s["lr"] for s in steps] == [0.2] * 4 + [0.05] * 4
+    assert steps[4]["adam_step"] == 1, "stage 2 starts with fresh optimizer moments"
+
+    logged = [entry for entry in trainer.state.log_history if "leank/distillation" in entry]
+    assert [entry["leank/stage"] for entry in logged] == [1, 1, 2, 2]
+    assert logged[-1]["leank/kept_ratio"] == 0.5
+
+    for directory in (tmp_path / "checkpoint-3" / "leank_masks", tmp_path / "checkpoint-6" / "leank_masks"):
+        assert LeanKMasks.from_pretrained(directory).keep_ratio == 0.5
+        assert (directory / "mask_heatmap.png").read_bytes().startswith(b"\x89PNG")
+    final = LeanKMasks.from_pretrained(tmp_path / "leank_masks")
+    assert final == learner.export_masks()
+    assert final.method["stage1_steps"] == 4 and final.method["l1_weight"] == 0.5
+
+
+@pytest.mark.parametrize("checkpoint", [4, 6], ids=["at-the-stage-switch", "in-stage-2"])
+def test_resume_continues_without_losing_a_step(smollm2_tokenizer, tmp_path, checkpoint):
+    straight, _ = train_tiny(smollm2_tokenizer, tmp_path / "straight")
+    train_tiny(smollm2_tokenizer, tmp_path / "stopped", max_steps=8, save_steps=2)
+    resumed, trainer = train_tiny(
+        smollm2_tokenizer, tmp_path / "stopped", resume=str(tmp_path / "stopped" / f"checkpoint-{checkpoint}")
+    )
+    assert trainer.state.global_step == 8
+    assert torch.equal(resumed.channel_scales, straight.channel_scales)
+
+
+def test_callback_names_schedule_and_model_mistakes(smollm2_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="max_steps=8"):
+        _trainer_running_6_steps_for_8(smollm2_tokenizer, tmp_path).train()
+    with pytest.raises(ValueError, match="keep_ratio"):
+        LeanKMaskCallback(keep_ratio=0)
+    with pytest.raises(TypeError, match="prepare_for_mask_learning"):
+        LeanKMaskCallback().on_train_begin(None, None, None, model=tiny_model("llama"))
+
+
+def _trainer_running_6_steps_for_8(tokenizer, output_dir) -> Trainer:
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=6, report_to="none", use_cpu=True)
+    return Trainer(model=prepare_for_mask_learning(tiny_llama(len(tokenizer))), args=args,
+                   train_dataset=make_retrieval_dataset(tokenizer, lengths=(100, 120), n=4),
+                   callbacks=[LeanKMaskCallback(stage1_steps=4, stage2_steps=4)])  # fmt: skip
