@@ -51,13 +51,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     push.set_defaults(run=_push)
 
     generate = commands.add_parser("generate", help="generate with a LeanK cache (and the full cache to compare)")
-    generate.add_argument("--model", default=EMBEDDED_MODEL, help=f"model dir or Hub id ('{EMBEDDED_MODEL}': embedded)")
-    generate.add_argument("--gguf-file", help="GGUF file inside --model")
+    _add_model_arguments(generate)
     generate.add_argument("--masks", required=True, help="mask repo: directory, shipped short name, or Hub repo id")
     generate.add_argument("--prompt-file", type=Path, required=True, help="text file; sent through the chat template")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--compare", action="store_true", help="also generate with DynamicCache")
     generate.set_defaults(run=_generate)
+
+    train = commands.add_parser("train", help="learn masks (two-stage distillation, transformers.Trainer)")
+    _add_model_arguments(train)
+    train.add_argument("--out", type=Path, required=True, help="output dir: checkpoints and the final leank_masks/")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--keep-ratio", type=float, default=0.3, help="share of key channels the masks keep")
+    train.add_argument("--align", type=int, default=16, help="per-head kept counts are multiples of this")
+    train.add_argument("--sink", type=int, default=64)
+    train.add_argument("--recent", type=int, default=256)
+    train.add_argument("--lengths", type=int, nargs=2, default=(1024, 8192), metavar=("MIN", "MAX"),
+                       help="prompt lengths of the retrieval examples, in tokens")  # fmt: skip
+    train.add_argument("--examples", type=int, default=2000, help="retrieval examples in the training set")
+    train.add_argument("--stage1-steps", type=int, default=2000)
+    train.add_argument("--stage2-steps", type=int, default=200)
+    train.add_argument("--lr", type=float, default=0.02, help="stage-1 learning rate")
+    train.add_argument("--stage2-lr", type=float, default=0.01)
+    train.add_argument("--l1-weight", type=float, default=0.06, help="stage-1 L1 penalty weight (lambda)")
+    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--save-steps", type=int, default=200)
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="compare masks with the full cache and with baseline masks")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--masks", nargs="*", default=[], help="learned mask repos (each at its own keep ratio)")
+    evaluate.add_argument("--baselines", nargs="*", default=["calibration", "think", "random"],
+                          choices=["calibration", "think", "random"], help="baselines to compare with")  # fmt: skip
+    evaluate.add_argument("--keep-ratios", type=float, nargs="+", default=[0.5, 0.3, 0.2])
+    evaluate.add_argument("--sink", type=int, default=64, help="sink of the baseline masks")
+    evaluate.add_argument("--recent", type=int, default=256, help="recent window of the baseline masks")
+    evaluate.add_argument("--text-tokens", type=int, default=4096, help="length of each held-out prose window")
+    evaluate.add_argument("--positions", type=int, default=512, help="last positions of each window compared")
+    evaluate.add_argument("--texts", type=int, default=2, help="held-out prose windows")
+    evaluate.add_argument("--retrieval-tokens", type=int, default=2048)
+    evaluate.add_argument("--retrieval-tasks", type=int, default=20)
+    evaluate.add_argument("--out", type=Path, required=True, help="dir for eval.json, eval.md and the plot")
+    evaluate.add_argument("--record-in", type=Path,
+                          help="also store the rows at this mask repo's keep ratio in its config and card")  # fmt: skip
+    evaluate.set_defaults(run=_evaluate)
 
     args = parser.parse_args(argv)
     try:
@@ -152,18 +192,35 @@ def _push(args: argparse.Namespace) -> None:
     print(url)
 
 
-def _generate(args: argparse.Namespace) -> None:
-    import time
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help=f"model dir or Hub id ('{EMBEDDED_MODEL}': embedded)")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    from .cache import LeanKCache
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) named by --model/--gguf-file/--dtype, in eval mode, on the GPU if there is one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_path, gguf_file = args.model, args.gguf_file
     if model_path == EMBEDDED_MODEL:
         model_path, gguf_file = embedded_model_path()
-    model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file).eval()
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model, tokenizer
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import time
+
+    from transformers import DynamicCache
+
+    from .cache import LeanKCache
+
+    model, tokenizer = load_model(args)
     messages = [{"role": "user", "content": args.prompt_file.read_text(encoding="utf-8")}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     inputs = inputs.to(model.device)
@@ -178,6 +235,47 @@ def _generate(args: argparse.Namespace) -> None:
         text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         print(f"\n[{name}, {time.perf_counter() - start:.1f} s]\n{text}")
     print(f"\n{caches['LeanKCache'].memory_report()}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .training.recipe import train_masks
+
+    model, tokenizer = load_model(args)
+    masks = train_masks(
+        model, tokenizer, args.out, keep_ratio=args.keep_ratio, align=args.align, sink=args.sink, recent=args.recent,
+        lengths=tuple(args.lengths), examples=args.examples, stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps, learning_rate=args.lr, stage2_learning_rate=args.stage2_lr,
+        l1_weight=args.l1_weight, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, save_steps=args.save_steps,
+        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume,
+    )  # fmt: skip
+    print(f"masks written to {args.out / 'leank_masks'}: {masks.keep_ratio:.1%} of key channels kept, "
+          f"{int((masks.kept_counts == 0).sum())} KV heads fully pruned")  # fmt: skip
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .eval import evaluate, format_table, plot_accuracy, standard_methods
+    from .io import write_json
+
+    model, tokenizer = load_model(args)
+    learned = [LeanKMasks.from_pretrained(repo) for repo in args.masks]
+    methods = standard_methods(model, tokenizer, learned, args.baselines, sink=args.sink, recent=args.recent)
+    rows = evaluate(
+        model, tokenizer, methods, args.keep_ratios, text_tokens=args.text_tokens, positions=args.positions,
+        texts=args.texts, retrieval_tokens=args.retrieval_tokens, retrieval_tasks=args.retrieval_tasks,
+    )  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows)
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
+    write_json(args.out / "eval.json", {"rows": rows, "arguments": arguments})
+    (args.out / "eval.md").write_text(table + "\n", encoding="utf-8")
+    plot_accuracy(rows, args.out / "accuracy_vs_keep_ratio.png")
+    print(table)
+    if args.record_in:
+        masks = LeanKMasks.from_pretrained(args.record_in)
+        kept = [r for r in rows if r["keep_ratio"] in (1.0, round(masks.keep_ratio, 2))]
+        masks.replace(evaluation=kept).save_pretrained(args.record_in, overwrite_card=True)
+        print(f"evaluation recorded in {args.record_in}")
 
 
 def embedded_model_path() -> tuple[str, str]:

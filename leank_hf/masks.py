@@ -264,12 +264,15 @@ class LeanKMasks:
             "evaluation": list(self.evaluation),
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, repo_id: str | None = None, overwrite_card: bool = False
+    ) -> None:
         """Write the mask repo into `save_directory`: config, masks, heatmap PNG and (if absent) a model card.
 
         Each file is written to a temporary name and renamed into place; the config (written after the masks) holds
         the masks file's SHA-256, so an interrupted save is detected on load instead of loading mismatched files.
-        An existing README.md is never overwritten; `repo_id` names the repo in a new card's usage snippet.
+        An existing README.md is kept (it may have been edited by hand) unless `overwrite_card`; `repo_id` names the
+        repo in a new card's usage snippet.
         """
         from .card import CARD_NAME, HEATMAP_NAME, plot_masks, render_card
 
@@ -285,7 +288,7 @@ class LeanKMasks:
         write_json(save_directory / CONFIG_NAME, config)
         plot_masks(self, save_directory / HEATMAP_NAME)
         card_path = save_directory / CARD_NAME
-        if not card_path.exists():
+        if overwrite_card or not card_path.exists():
             card = render_card(self, repo_id)
             atomic_write(card_path, lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
 

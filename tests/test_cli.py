@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from leank_hf import LeanKMasks
 from leank_hf.cli import main
 
+from .conftest import tiny_llama
 from .test_hub import RecordingApi
 from .test_masks import aligned_mask
 
@@ -86,3 +88,55 @@ def test_generate_with_the_embedded_model(tmp_path, capsys, smollm2):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[DynamicCache" in out and "[LeanKCache" in out and "LeanK cache:" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved like a Hub model."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(smollm2_tokenizer)).save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_train_then_resume_then_eval(tiny_model_dir, tmp_path, capsys):
+    """`leank-hf train` end to end on a random model (both stages, checkpoints, resume), then `leank-hf eval`."""
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--out", str(out), "--keep-ratio", "0.5", "--sink", "4", "--recent",
+              "16", "--lengths", "100", "140", "--examples", "6", "--stage1-steps", "2", "--stage2-steps", "2",
+              "--save-steps", "2", "--lr", "0.1"]  # fmt: skip
+    assert main(["train", *common]) == 0
+    first = LeanKMasks.from_pretrained(out / "leank_masks")
+    assert "50.0% of key channels kept" in capsys.readouterr().out
+    assert first.method["name"] == "learned" and first.method["stage2_steps"] == 2 and "data" in first.method
+    assert (out / "checkpoint-2" / "leank_masks" / "leank_config.json").is_file()
+
+    # A finished run has nothing to resume; a run stopped at the stage switch resumes to the same masks.
+    assert main(["train", *common, "--resume"]) == 2
+    assert "already finished" in capsys.readouterr().err
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "leank_masks")
+    assert main(["train", *common, "--resume"]) == 0
+    assert LeanKMasks.from_pretrained(out / "leank_masks") == first
+    capsys.readouterr()
+
+    record = tmp_path / "record"
+    first.save_pretrained(record)
+    evaluation = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_model_dir), "--masks", str(out / "leank_masks"), "--keep-ratios", "0.5",
+                 "--sink", "4", "--recent", "16", "--text-tokens", "128", "--positions", "8", "--texts", "1",
+                 "--retrieval-tokens", "120", "--retrieval-tasks", "2", "--out", str(evaluation),
+                 "--record-in", str(record)]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    for method in ("full cache", "learned", "calibration", "think", "random"):
+        assert f"| {method} |" in table
+    assert (evaluation / "eval.md").read_text().strip() == table.split("\nevaluation recorded")[0].strip()
+    assert (evaluation / "accuracy_vs_keep_ratio.png").read_bytes().startswith(b"\x89PNG")
+    recorded = LeanKMasks.from_pretrained(record)
+    assert [row["method"] for row in recorded.evaluation] == ["full cache", "learned", "calibration", "think", "random"]
+    assert "| learned | 0.5 |" in (record / "README.md").read_text()
+
+
+def test_train_errors_are_reported(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--resume"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
