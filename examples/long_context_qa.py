@@ -2,9 +2,9 @@
 
 Run: python examples/long_context_qa.py [--tokens 2500] [--masks smollm2-135m-instruct]
 
-By default the masks are the shipped `smollm2-135m-instruct` repo. `--calibrate DIR` instead calibrates masks on a
-different logbook (training-free baseline masks), saves them as a mask repo in DIR and uses them; that is how the
-shipped repo was made.
+By default the masks are the shipped `smollm2-135m-instruct` repo: learned with `leank-hf train` (two-stage
+distillation, `hub_cards/learn_smollm2.sh`). `--calibrate DIR` instead calibrates training-free baseline masks on a
+different logbook, saves them as a mask repo in DIR and uses them, to compare.
 """
 
 from __future__ import annotations

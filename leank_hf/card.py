@@ -77,10 +77,15 @@ def describe_method(method: dict) -> str:
     return f"{method.get('name', 'unknown')}" + (f" (`{json.dumps(details, sort_keys=True)}`)" if details else "")
 
 
+# Columns of `leank_hf.eval` rows come first, in this order; any others follow in the order they first appear.
+_EVALUATION_COLUMNS = ["method", "keep_ratio", "kl", "top1", "retrieval"]
+
+
 def _evaluation_table(rows: tuple[dict, ...]) -> str:
     if not rows:
         return "No evaluation recorded for these masks yet."
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    columns = [c for c in _EVALUATION_COLUMNS if c in keys] + [k for k in keys if k not in _EVALUATION_COLUMNS]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--save-steps", type=int, default=200)
     train.add_argument("--logging-steps", type=int, default=10)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--base-model", help="Hub id recorded in the masks (default: --model)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="compare masks with the full cache and with baseline masks")
@@ -247,7 +248,7 @@ def _train(args: argparse.Namespace) -> None:
         stage2_steps=args.stage2_steps, learning_rate=args.lr, stage2_learning_rate=args.stage2_lr,
         l1_weight=args.l1_weight, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume,
+        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume, base_model=args.base_model,
     )  # fmt: skip
     print(f"masks written to {args.out / 'leank_masks'}: {masks.keep_ratio:.1%} of key channels kept, "
           f"{int((masks.kept_counts == 0).sum())} KV heads fully pruned")  # fmt: skip

@@ -104,11 +104,12 @@ def test_train_then_resume_then_eval(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--model", str(tiny_model_dir), "--out", str(out), "--keep-ratio", "0.5", "--sink", "4", "--recent",
               "16", "--lengths", "100", "140", "--examples", "6", "--stage1-steps", "2", "--stage2-steps", "2",
-              "--save-steps", "2", "--lr", "0.1"]  # fmt: skip
+              "--save-steps", "2", "--lr", "0.1", "--base-model", "org/tiny"]  # fmt: skip
     assert main(["train", *common]) == 0
     first = LeanKMasks.from_pretrained(out / "leank_masks")
     assert "50.0% of key channels kept" in capsys.readouterr().out
     assert first.method["name"] == "learned" and first.method["stage2_steps"] == 2 and "data" in first.method
+    assert first.base_model == "org/tiny"
     assert (out / "checkpoint-2" / "leank_masks" / "leank_config.json").is_file()
 
     # A finished run has nothing to resume; a run stopped at the stage switch resumes to the same masks.

@@ -74,3 +74,21 @@ def test_calibration_from_text_with_a_tokenizer(smollm2):
     masks = LeanKMasks.from_calibration(model, texts, tokenizer=tokenizer, keep_ratio=0.5, batch_size=2)
     assert masks.keep_ratio == pytest.approx(0.5, abs=0.01)
     assert masks.method["tokens"] == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+
+
+def test_shipped_learned_masks_beat_calibration_on_heldout_text(smollm2):
+    """The shipped masks keep what they were shipped for: on held-out prose they agree with the full cache better
+    than calibrated masks at the same ratio (a short version of BENCHMARKS.md section 4)."""
+    from leank_hf.eval import decoded_logits, heldout_windows, next_token_agreement, standard_methods
+
+    model, tokenizer = smollm2
+    learned = LeanKMasks.from_pretrained("smollm2-135m-instruct")
+    assert learned.method["name"] == "learned" and learned.keep_ratio == pytest.approx(0.3)
+    window = heldout_windows(tokenizer, 2048, 1)[0]
+    reference = decoded_logits(model, window, DynamicCache(config=model.config), 64)
+    calibrated = standard_methods(model, tokenizer, baselines=["calibration"], calibration_tokens=2048)["calibration"]
+    kl = {
+        name: next_token_agreement(reference, decoded_logits(model, window, LeanKCache(masks, model), 64))[0]
+        for name, masks in (("learned", learned), ("calibration", calibrated(0.3, None)))
+    }
+    assert kl["learned"] < 0.75 * kl["calibration"], kl

@@ -59,12 +59,16 @@ class MaskLearner(nn.Module):
 
     accepts_loss_kwargs = False
 
-    def __init__(self, model: PreTrainedModel, sink: int = 64, recent: int = 256) -> None:
+    def __init__(
+        self, model: PreTrainedModel, sink: int = 64, recent: int = 256, base_model: str | None = None
+    ) -> None:
         super().__init__()
         validate_windows(sink, recent, block_size=1)
         self.spec = ModelSpec.from_model(model)
         self.model = model.requires_grad_(False).eval()
         self.sink, self.recent = sink, recent
+        # The Hub id the masks are for; a model loaded from a local folder only knows that folder.
+        self.base_model = base_model or getattr(model.config, "_name_or_path", None) or None
         self.layers = self.spec.leank_layers
         self._row = {layer: row for row, layer in enumerate(self.layers)}
         device = next(model.parameters()).device
@@ -170,7 +174,7 @@ class MaskLearner(nn.Module):
         method = {"name": "learned", "keep_ratio": keep_ratio, **self.training_record}
         return LeanKMasks(
             mask, sink=self.sink, recent=self.recent, align=align, layer_types=self.spec.layer_types,
-            model_type=self.spec.model_type, base_model=getattr(config, "_name_or_path", None) or None,
+            model_type=self.spec.model_type, base_model=self.base_model,
             base_model_revision=getattr(config, "_commit_hash", None), method=method,
         )  # fmt: skip
 
@@ -189,15 +193,18 @@ class MaskLearner(nn.Module):
         return {"distillation": distillation, "l1": l1}
 
 
-def prepare_for_mask_learning(model: PreTrainedModel, sink: int = 64, recent: int = 256) -> MaskLearner:
+def prepare_for_mask_learning(
+    model: PreTrainedModel, sink: int = 64, recent: int = 256, base_model: str | None = None
+) -> MaskLearner:
     """Freeze `model` and wrap it with trainable per-channel key scales (see `MaskLearner`).
 
     Args:
         model: a supported causal LM (`leank_hf.SUPPORTED_MODEL_TYPES`); its weights stay frozen.
         sink: leading tokens that keep full keys (the masks are learned for, and saved with, this sink).
         recent: latest tokens that keep full keys.
+        base_model: Hub id recorded in the exported masks (default: the model's `name_or_path`).
     """
-    return MaskLearner(model, sink=sink, recent=recent)
+    return MaskLearner(model, sink=sink, recent=recent, base_model=base_model)
 
 
 def _split_prompt_and_answer(

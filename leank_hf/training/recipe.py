@@ -39,17 +39,19 @@ def train_masks(
     logging_steps: int = 10,
     seed: int = 0,
     resume: bool = False,
+    base_model: str | None = None,
 ) -> LeanKMasks:
     """Learn masks for `model` on `make_retrieval_dataset` data with `Trainer` + `LeanKMaskCallback`.
 
     Checkpoints (each with a loadable mask repo in `leank_masks/`) go to `output_dir/checkpoint-N`, the final mask
     repo to `output_dir/leank_masks`. `resume=True` continues from the newest checkpoint in `output_dir`.
+    `base_model` is the Hub id recorded in the masks (default: the model's `name_or_path`).
     The learning rate is constant within each stage (paper: 0.02, then 0.01).
     """
     if tokenizer.pad_token is None:
         # Only the collator pads; MaskLearner reads the attention mask, never the padding token's id.
         tokenizer.pad_token = tokenizer.eos_token
-    learner = prepare_for_mask_learning(model, sink=sink, recent=recent)
+    learner = prepare_for_mask_learning(model, sink=sink, recent=recent, base_model=base_model)
     learner.training_record = {"data": f"make_retrieval_dataset(lengths={tuple(lengths)}, n={examples}, seed={seed})"}
     data = make_retrieval_dataset(tokenizer, lengths=lengths, n=examples, seed=seed)
     args = TrainingArguments(
