@@ -39,7 +39,8 @@ def think_masks(
 ) -> LeanKMasks:
     """ThinK-style (arXiv 2407.21018) query-driven masks for one prompt `[1, T]`: every KV head keeps its
     `round(keep_ratio · head_dim)` channels with the largest ‖q_c‖·‖k_c‖, queries from the prompt's last `window`
-    tokens. Counts are not aligned (align 1), so the ratio matches the others exactly."""
+    tokens. Counts are not aligned (align 1) and the same for every head, as in ThinK, so the kept share is
+    `round(keep_ratio · head_dim) / head_dim`, within half a channel per head of `keep_ratio`."""
     spec = ModelSpec.from_model(model)
     with torch.no_grad(), recording(model, QueryWindowStats(spec, window)) as stats:
         model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)

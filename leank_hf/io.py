@@ -39,9 +39,11 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write strict JSON (NaN and infinities are refused: other readers, the Hub's included, reject them)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
 
     atomic_write(path, write)

@@ -82,8 +82,11 @@ def _smollm2_directory() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    """The embedded SmolLM2 tokenizer alone (~4 s): real chat template and vocabulary for data tests."""
-    return AutoTokenizer.from_pretrained(_smollm2_directory(), gguf_file=SMOLLM2_FILE)
+    """The embedded SmolLM2 tokenizer alone (~4 s): real chat template and vocabulary for data tests. Older
+    transformers read no padding token from the GGUF; padding collators need one."""
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_directory(), gguf_file=SMOLLM2_FILE)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 
@@ -133,6 +134,8 @@ def test_train_then_resume_then_eval(tiny_model_dir, tmp_path, capsys):
         assert f"| {method} |" in table
     assert (evaluation / "eval.md").read_text().strip() == table.split("\nevaluation recorded")[0].strip()
     assert (evaluation / "accuracy_vs_keep_ratio.png").read_bytes().startswith(b"\x89PNG")
+    strict = json.loads((evaluation / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert all(row["retrieval"] is None for row in strict["rows"][1:]), "a random model solves no task: n/a"
     recorded = LeanKMasks.from_pretrained(record)
     assert [row["method"] for row in recorded.evaluation] == ["full cache", "learned", "calibration", "think", "random"]
     assert "| learned | 0.5 |" in (record / "README.md").read_text()

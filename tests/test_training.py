@@ -37,6 +37,24 @@ def answer_batch(vocab: int, prompt_lengths: list[int], answer: int, pad_left: b
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def test_teacher_sees_each_row_as_an_unpadded_forward_would():
+    """The re-laid batch (left-padded prompts, right-padded answers of different lengths) changes nothing: the
+    teacher's answer states equal a plain forward of each row alone."""
+    model = tiny_model("llama")
+    learner = prepare_for_mask_learning(model, sink=SINK, recent=RECENT)
+    for pad_left in (True, False):
+        batch = answer_batch(model.config.vocab_size, [30, 19, 25], answer=5, pad_left=pad_left, seed=4)
+        batch["labels"][1, -1 if pad_left else 23] = -100  # row 1's answer is a token shorter
+        teacher, _ = hidden_states_of(learner, batch)
+        for row in range(3):
+            real = batch["attention_mask"][row].bool()
+            ids, labels = batch["input_ids"][row][real], batch["labels"][row][real]
+            answer = (labels != -100).nonzero().flatten()
+            with torch.no_grad():
+                alone = model.base_model(input_ids=ids[None]).last_hidden_state[0, answer]
+            torch.testing.assert_close(teacher[row, : len(answer)], alone, rtol=0, atol=2e-5)
+
+
 def hidden_states_of(learner: MaskLearner, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher, student) final hidden states of the answer tokens in one learner forward."""
     captured = []
@@ -229,13 +247,14 @@ class Recorder(TrainerCallback):
         })  # fmt: skip
 
 
-def train_tiny(tokenizer, output_dir, *, max_steps=8, stage1=4, save_steps=100, resume=None, callbacks=()):
+def train_tiny(tokenizer, output_dir, *, max_steps=8, stage1=4, save_steps=100, resume=None, callbacks=(),
+               schedule="constant"):  # fmt: skip
     model = tiny_llama(len(tokenizer))
     learner = prepare_for_mask_learning(model, sink=SINK, recent=16)
     data = make_retrieval_dataset(tokenizer, lengths=(100, 160), n=16, facts=(1, 2))
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=0.2,
-        lr_scheduler_type="constant", logging_steps=2, save_steps=save_steps, report_to="none", seed=0, use_cpu=True,
+        lr_scheduler_type=schedule, logging_steps=2, save_steps=save_steps, report_to="none", seed=0, use_cpu=True,
         disable_tqdm=True,
     )  # fmt: skip
     callback = LeanKMaskCallback(keep_ratio=0.5, align=16, stage1_steps=stage1, stage2_steps=max_steps - stage1,

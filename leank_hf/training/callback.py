@@ -20,13 +20,14 @@ MASKS_DIRNAME = "leank_masks"
 class LeanKMaskCallback(TrainerCallback):
     """Runs LeanK's two training stages on a `MaskLearner` inside `Trainer.train()`.
 
-    Stage 1 (`stage1_steps` optimizer steps) trains continuous scales with the L1 penalty `l1_weight`. Then the
-    scales are binarised to `keep_ratio` of the channels (per-head counts multiples of `align`, highest scales kept)
-    and stage 2 fine-tunes them through a straight-through estimator without the penalty, at
-    `stage2_learning_rate`, with fresh optimizer moments. After every optimizer step the scales are clamped to
-    [0, 1]. Each checkpoint gets a loadable mask repo (with its heatmap) in `checkpoint-N/leank_masks`, and the end of
-    training one in `output_dir/leank_masks`. The stage follows `state.global_step`, so `resume_from_checkpoint`
-    continues exactly where a run stopped.
+    Stage 1 (`stage1_steps` optimizer steps) trains continuous scales with the L1 penalty `l1_weight`. In stage 2 the
+    forward uses the binarised scales instead: `keep_ratio` of the channels, per-head counts multiples of `align`,
+    highest scales kept, recomputed from the current scales at every forward (so the selection can still change);
+    the scales keep training through a straight-through estimator, without the penalty, at `stage2_learning_rate`
+    (as the peak of the rest of Trainer's schedule) with fresh optimizer moments. After every optimizer step the
+    scales are clamped to [0, 1]. Each checkpoint gets a loadable mask repo (with its heatmap) in
+    `checkpoint-N/leank_masks`, and the end of training one in `output_dir/leank_masks`. The stage follows
+    `state.global_step`, so `resume_from_checkpoint` continues exactly where a run stopped.
 
     Logs (every `logging_steps`, next to Trainer's loss): `leank/distillation`, `leank/l1`, `leank/mean_scale`,
     `leank/kept_ratio` (channels with scale >= 0.5 in stage 1; the binary mask's share in stage 2) and
@@ -81,6 +82,7 @@ class LeanKMaskCallback(TrainerCallback):
                 f"raise max_steps or lower stage1_steps"
             )
         learner.keep_ratio, learner.align = self.keep_ratio, self.align
+        learner.binary_mask()  # a bad align or ratio fails now, not at the first checkpoint
         learner.training_record = {
             **learner.training_record,
             "stage1_steps": self.stage1_steps,
@@ -94,17 +96,20 @@ class LeanKMaskCallback(TrainerCallback):
         }
         # On resume past the switch, the restored optimizer and scheduler already belong to stage 2; resuming at the
         # switch itself leaves it to on_step_begin, as in an uninterrupted run.
-        self._set_stage(learner, binary=state.global_step > self.stage1_steps, **kwargs)
+        self._set_stage(learner, binary=state.global_step > self.stage1_steps)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         learner = _learner(kwargs["model"])
         if state.global_step == self.stage1_steps and learner.stage == "continuous":
-            self._set_stage(learner, binary=True, **kwargs)
+            self._set_stage(learner, binary=True)
             optimizer = kwargs["optimizer"]
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     optimizer.state.pop(parameter, None)  # fine-tuning starts with fresh moments
-            _say(args, state, f"LeanK: scales binarised to keep {self.keep_ratio:.1%} of key channels; stage 2 begins")
+            if self.stage2_learning_rate is not None:
+                _restart_schedule(optimizer, kwargs.get("lr_scheduler"), self.stage2_learning_rate)
+            _say(args, state, f"LeanK: stage 2 begins; the forward now keeps the top {self.keep_ratio:.1%} of key "
+                              "channels by scale (straight-through)")  # fmt: skip
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         _learner(kwargs["model"]).clamp_scales_()
@@ -137,16 +142,22 @@ class LeanKMaskCallback(TrainerCallback):
             _learner(kwargs["model"]).export_masks().save_pretrained(os.path.join(args.output_dir, MASKS_DIRNAME))
 
     # ---------------------------------------------------------------------------------------------- helpers
-    def _set_stage(self, learner: MaskLearner, *, binary: bool, **kwargs: Any) -> None:
+    def _set_stage(self, learner: MaskLearner, *, binary: bool) -> None:
         learner.stage = "binary" if binary else "continuous"
         learner.l1_weight = 0.0 if binary else self.l1_weight
-        if binary and self.stage2_learning_rate is not None:
-            for group in kwargs["optimizer"].param_groups:
-                group["lr"] = self.stage2_learning_rate
-            scheduler = kwargs.get("lr_scheduler")
-            if scheduler is not None and hasattr(scheduler, "base_lrs"):
-                # Trainer's schedulers derive each step's rate from base_lrs.
-                scheduler.base_lrs = [self.stage2_learning_rate] * len(scheduler.base_lrs)
+
+
+def _restart_schedule(optimizer: Any, scheduler: Any, learning_rate: float) -> None:
+    """Make `learning_rate` the peak of the rest of the schedule: Trainer's schedulers (LambdaLR) multiply their
+    `base_lrs` by a factor of the step, so replacing `base_lrs` keeps the schedule's shape and survives resume (the
+    scheduler's state holds them)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = learning_rate * (lambdas[i](scheduler.last_epoch) if lambdas else 1.0)
+    if scheduler is not None:
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what Trainer logs
 
 
 def _say(args: TrainingArguments, state: TrainerState, message: str) -> None:

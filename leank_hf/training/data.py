@@ -81,8 +81,10 @@ class RetrievalDataset(Dataset):
             raise ValueError(
                 f"lengths must be (shortest, longest) prompt tokens with 0 < shortest <= longest, got {lengths}"
             )
-        if not 1 <= facts[0] <= facts[1]:
-            raise ValueError(f"facts must be (fewest, most) facts per example with 1 <= fewest <= most, got {facts}")
+        if not 1 <= facts[0] <= facts[1] <= len(_WORDS):
+            raise ValueError(
+                f"facts must be (fewest, most) facts per example with 1 <= fewest <= most <= {len(_WORDS)}, got {facts}"
+            )
         if not 0.0 <= depths[0] <= depths[1] <= 1.0:
             raise ValueError(f"depths must satisfy 0 <= low <= high <= 1, got {depths}")
         if n <= 0:
@@ -170,9 +172,9 @@ class RetrievalDataset(Dataset):
                 "build the dataset yourself (any dataset with input_ids and answer-only labels works)"
             )
         answer_ids = full[len(prompt_ids) :]
-        # Drop what the template adds after the end-of-turn token (e.g. a newline): the model never predicts it.
-        if eos and eos[0] in answer_ids:
-            answer_ids = answer_ids[: answer_ids.index(eos[0]) + 1]
+        # Drop what the template writes after the end-of-turn token (e.g. a newline): the model never predicts it.
+        while answer_ids and not self.tokenizer.decode(answer_ids[-1:]).strip():
+            answer_ids.pop()
         return answer_ids
 
 

@@ -97,7 +97,6 @@ class MaskLearner(nn.Module):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs: Any,
     ) -> MaskLearnerOutput:
         """`labels` marks the answer tokens (others `-100`), as for causal-LM fine-tuning; any padding side works."""
         if labels is None:
@@ -134,7 +133,8 @@ class MaskLearner(nn.Module):
         distillation = ((student.float() - teacher.float()) ** 2 * weight).sum() / (weight.sum() * student.shape[-1])
         l1 = self.channel_scales.abs().mean()
         loss = distillation + self.l1_weight * l1
-        self._terms.append(torch.stack([distillation.detach(), l1.detach()]))
+        if self.training:
+            self._terms.append(torch.stack([distillation.detach(), l1.detach()]))
         return MaskLearnerOutput(loss=loss, distillation=distillation.detach(), l1=l1.detach())
 
     def _channels_function(self):
@@ -185,7 +185,7 @@ class MaskLearner(nn.Module):
             self.channel_scales.clamp_(0.0, 1.0)
 
     def pop_terms(self) -> dict[str, float]:
-        """Mean loss terms of the forwards since the last call (for logging)."""
+        """Mean loss terms of the training forwards since the last call (for logging)."""
         if not self._terms:
             return {}
         distillation, l1 = torch.stack(self._terms).mean(0).tolist()
@@ -258,4 +258,4 @@ def _drop_model_weights(module: MaskLearner, state_dict: dict, prefix: str, loca
 
 def _ignore_missing_model_weights(module: MaskLearner, incompatible_keys) -> None:
     missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith("model.") and ".model." not in k]
+    missing[:] = [k for k in missing if not k.startswith("model.")]

@@ -69,6 +69,7 @@ def train_masks(
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every step uses the one trainable tensor
     )
     callback = LeanKMaskCallback(
         keep_ratio=keep_ratio, align=align, stage1_steps=stage1_steps, stage2_steps=stage2_steps,

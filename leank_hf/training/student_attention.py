@@ -18,7 +18,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 STUDENT_IMPLEMENTATION = "leank_student"
-# Scores per chunk of answer queries (batch x q heads x queries x keys): 64 Mi elements, 256 MiB in fp32.
+# Scores per chunk of answer queries (batch x q heads x queries x keys): 64 Mi elements, 256 MiB per fp32 tensor of
+# that shape (a chunk holds a few: both score variants, the probabilities, and what autograd saves).
 _MAX_SCORES = 1 << 26
 
 
