@@ -25,6 +25,8 @@ class ChannelLayout:
         kept_flat: `[C]` int32, channel index (within its head) of each packed column.
         offsets_table: `offsets` as an int32 tensor, for kernels.
         value_rows_table: `value_rows` as an int32 tensor, for kernels.
+        own_columns: `[H, C]` bool, True where a packed column belongs to that head (the PyTorch path scores every
+            head in one matmul with it).
         chunk: largest power of two (<= 64) dividing every head's kept count: the kernels' channel tile.
         max_kept: the largest kept count rounded up to a power of two (at least 16): the kernels' channel width.
     """
@@ -37,6 +39,7 @@ class ChannelLayout:
     kept_flat: torch.Tensor
     offsets_table: torch.Tensor
     value_rows_table: torch.Tensor
+    own_columns: torch.Tensor
     chunk: int
     max_kept: int
 
@@ -50,6 +53,7 @@ class ChannelLayout:
         value_heads = [h for h in range(num_heads) if counts[h] > 0]
         value_rows = tuple(value_heads.index(h) if counts[h] > 0 else -1 for h in range(num_heads))
         packed_index = torch.cat([k + h * head_dim for h, k in enumerate(kept)]) if kept else torch.empty(0)
+        column_heads = torch.repeat_interleave(torch.arange(num_heads), torch.tensor(counts, dtype=torch.long))
         chunk = 64
         while chunk > 1 and any(count % chunk for count in counts):
             chunk //= 2
@@ -62,6 +66,7 @@ class ChannelLayout:
             kept_flat=torch.cat(kept).to(device=device, dtype=torch.int32) if kept else torch.empty(0),
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
             value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
+            own_columns=(torch.arange(num_heads)[:, None] == column_heads[None]).to(device),
             chunk=chunk,
             max_kept=max(16, 1 << (max(counts, default=1) - 1).bit_length()),
         )

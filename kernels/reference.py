@@ -59,13 +59,14 @@ def _attend_block(query: torch.Tensor, first: int, q_len: int, cache: PrunedKV, 
     sink_scores = _masked(q @ cache.sink_keys.transpose(-1, -2), sink_valid[:, None, None, :])
     window_scores = _masked(q @ cache.recent_keys.transpose(-1, -2), window_ok[:, None])
     middle_len = cache.middle_keys.shape[1]
-    middle_scores = torch.full((batch, num_heads, group * block, middle_len), -torch.inf, device=device)
-    for head in range(num_heads):
-        if layout.value_rows[head] < 0:
-            continue
-        start, end = layout.offsets[head], layout.offsets[head + 1]
-        q_kept = q[:, head].index_select(-1, layout.kept[head])  # [B, GQ, k_h]
-        middle_scores[:, head] = (q_kept @ cache.middle_keys[:, :, start:end].transpose(-1, -2)).float()
+    # Every head's scores in one matmul over the packed channels: each head's queries are spread over its own
+    # columns (its kept channels) and are zero in the other heads' columns. Heads that keep nothing get -inf.
+    q_columns = q.index_select(-1, layout.kept_flat.long()) * layout.own_columns[:, None]  # [B, H, GQ, C]
+    rows = num_heads * group * block
+    middle_scores = q_columns.reshape(batch, rows, layout.packed_channels) @ cache.middle_keys.transpose(1, 2)
+    middle_scores = middle_scores.float().reshape(batch, num_heads, group * block, middle_len)
+    pruned_heads = ~layout.own_columns.any(-1)
+    middle_scores = middle_scores.masked_fill(pruned_heads[:, None, None], -torch.inf)
     middle_scores = _masked(middle_scores, cache.middle_valid[:, None, None, :])
 
     scores = torch.cat([sink_scores, middle_scores, window_scores], dim=-1) * scaling
@@ -75,10 +76,8 @@ def _attend_block(query: torch.Tensor, first: int, q_len: int, cache: PrunedKV, 
     p_sink, p_mid, p_window = probs.split([sink_slots, middle_len, window], dim=-1)
 
     out = p_sink @ cache.sink_values + p_window @ cache.recent_values
-    for head in range(num_heads):
-        row = layout.value_rows[head]
-        if row >= 0:
-            out[:, head] += p_mid[:, head] @ cache.middle_values[:, row]
+    if len(layout.value_heads):
+        out.index_add_(1, layout.value_heads, p_mid.index_select(1, layout.value_heads) @ cache.middle_values)
     return out.reshape(batch, num_q_heads, block, head_dim).to(query.dtype)
 
 
