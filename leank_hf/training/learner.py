@@ -51,6 +51,9 @@ class MaskLearner(nn.Module):
     between the two final hidden states on answer (labelled) tokens plus `l1_weight · mean(|scale|)`. Gradients
     flow only through the answer tokens, so a long prompt costs one no-grad forward.
 
+    With every scale at 1 the student equals the teacher (exactly in fp32; in bf16/fp16 the student's fp32 attention and
+    the teacher's SDPA differ by rounding, a loss of ~1e-5).
+
     Only `channel_scales` (`[full-attention layers, kv_heads, head_dim]`, initialised to 1) trains; the model is
     frozen, kept in eval mode, and left out of `state_dict()` so checkpoints hold the scales alone.
     In the ``"binary"`` stage the forward uses the binarised mask (`export_masks`) with a straight-through
