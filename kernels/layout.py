@@ -17,23 +17,17 @@ class ChannelLayout:
     keep at least one channel.
 
     Attributes:
-        kept: per head, sorted kept channel indices, `[k_h]` long tensors.
-        offsets: `H + 1` ints; head `h` owns packed columns `[offsets[h], offsets[h + 1])`.
-        value_rows: per head, its row in the middle-value store, or -1 for a head that keeps nothing.
         packed_index: `[C]` long, index of each packed column into the flattened `(head, channel)` axis.
         value_heads: `[Hv]` long, the heads that have a middle-value row, in row order.
         kept_flat: `[C]` int32, channel index (within its head) of each packed column.
-        offsets_table: `offsets` as an int32 tensor, for kernels.
-        value_rows_table: `value_rows` as an int32 tensor, for kernels.
+        offsets_table: `[H + 1]` int32; head `h` owns packed columns `[offsets_table[h], offsets_table[h + 1])`.
+        value_rows_table: `[H]` int32, each head's row in the middle-value store, or -1 for a head that keeps nothing.
         own_columns: `[H, C]` bool, True where a packed column belongs to that head (the PyTorch path scores every
             head in one matmul with it).
         chunk: largest power of two (<= 64) dividing every head's kept count: the kernels' channel tile.
         max_kept: the largest kept count rounded up to a power of two (at least 16): the kernels' channel width.
     """
 
-    kept: tuple[torch.Tensor, ...]
-    offsets: tuple[int, ...]
-    value_rows: tuple[int, ...]
     packed_index: torch.Tensor
     value_heads: torch.Tensor
     kept_flat: torch.Tensor
@@ -58,12 +52,11 @@ class ChannelLayout:
         while chunk > 1 and any(count % chunk for count in counts):
             chunk //= 2
         return cls(
-            kept=kept,
-            offsets=offsets,
-            value_rows=value_rows,
             packed_index=packed_index.long().to(device),
             value_heads=torch.tensor(value_heads, dtype=torch.long, device=device),
-            kept_flat=torch.cat(kept).to(device=device, dtype=torch.int32) if kept else torch.empty(0),
+            kept_flat=torch.cat(kept).to(device=device, dtype=torch.int32)
+            if kept
+            else torch.empty(0, dtype=torch.int32),
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
             value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
             own_columns=(torch.arange(num_heads)[:, None] == column_heads[None]).to(device),
@@ -73,11 +66,11 @@ class ChannelLayout:
 
     @property
     def num_heads(self) -> int:
-        return len(self.kept)
+        return self.own_columns.shape[0]
 
     @property
     def packed_channels(self) -> int:
-        return self.offsets[-1]
+        return self.own_columns.shape[1]
 
     def pack_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """`[B, H, n, D]` full keys → `[B, n, C]` kept channels packed by head."""

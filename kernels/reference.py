@@ -61,7 +61,7 @@ def _attend_block(query: torch.Tensor, first: int, q_len: int, cache: PrunedKV, 
     middle_len = cache.middle_keys.shape[1]
     # Every head's scores in one matmul over the packed channels: each head's queries are spread over its own
     # columns (its kept channels) and are zero in the other heads' columns. Heads that keep nothing get -inf.
-    q_columns = q.index_select(-1, layout.kept_flat.long()) * layout.own_columns[:, None]  # [B, H, GQ, C]
+    q_columns = q.index_select(-1, layout.kept_flat) * layout.own_columns[:, None]  # [B, H, GQ, C]
     rows = num_heads * group * block
     middle_scores = q_columns.reshape(batch, rows, layout.packed_channels) @ cache.middle_keys.transpose(1, 2)
     middle_scores = middle_scores.float().reshape(batch, num_heads, group * block, middle_len)
