@@ -18,10 +18,16 @@ from .kernels import leank_attention
 ATTN_IMPLEMENTATION = "leank"
 
 
+def register_implementation(name: str, attention_function) -> None:
+    """Register `attention_function` under `name`, with `sdpa_mask` under the same name so that padding reaches it
+    as the boolean mask SDPA takes (safe to call repeatedly)."""
+    AttentionInterface.register(name, attention_function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
 def register() -> None:
     """Register the ``"leank"`` attention and mask functions with transformers (safe to call repeatedly)."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, leank_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    register_implementation(ATTN_IMPLEMENTATION, leank_attention_forward)
 
 
 def enable(model: PreTrainedModel) -> None:

@@ -43,7 +43,7 @@ def think_masks(
     `round(keep_ratio · head_dim) / head_dim`, within half a channel per head of `keep_ratio`."""
     spec = ModelSpec.from_model(model)
     with torch.no_grad(), recording(model, QueryWindowStats(spec, window)) as stats:
-        model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+        model(input_ids=input_ids.to(model.device), use_cache=False)
     kept = round(keep_ratio * spec.head_dim)
     mask = torch.ones(stats.scores.shape, dtype=torch.bool)
     top = stats.scores[spec.leank_layers].topk(kept, dim=-1).indices

@@ -9,12 +9,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .architectures import ModelSpec
-from .attention import new_token_validity
+from .attention import new_token_validity, register_implementation
 from .masks import LeanKMasks
 from .selection import select_channels
 
@@ -71,8 +69,7 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
 @contextlib.contextmanager
 def recording(model: PreTrainedModel, stats: StatsRecorder) -> Iterator[StatsRecorder]:
     """Within the block, forwards of `model` hand their post-RoPE queries and keys to `stats.add` (then run SDPA)."""
-    AttentionInterface.register(_CALIBRATION_IMPLEMENTATION, _recording_attention)
-    AttentionMaskInterface.register(_CALIBRATION_IMPLEMENTATION, sdpa_mask)
+    register_implementation(_CALIBRATION_IMPLEMENTATION, _recording_attention)
     previous = model.config._attn_implementation
     token = _active_stats.set(stats)
     model.set_attn_implementation(_CALIBRATION_IMPLEMENTATION)
@@ -97,7 +94,7 @@ def calibrate(
     """Implementation of `LeanKMasks.from_calibration` (see there)."""
     spec = ModelSpec.from_model(model)
     input_ids, attention_mask = _as_token_batch(input_ids, attention_mask, tokenizer)
-    device = next(model.parameters()).device
+    device = model.device
     with torch.no_grad(), recording(model, ChannelStats(spec)) as stats:
         for start in tqdm(range(0, len(input_ids), batch_size), desc="LeanK calibration", unit="batch"):
             ids = input_ids[start : start + batch_size].to(device)

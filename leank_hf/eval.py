@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from .architectures import ModelSpec
 from .baselines import random_masks, think_masks
 from .cache import LeanKCache
-from .data import prose_paragraphs
+from .data import prose_text
 from .masks import LeanKMasks
 from .training.data import make_retrieval_dataset
 
@@ -35,9 +35,7 @@ FULL_CACHE = "full cache"
 
 def heldout_windows(tokenizer: PreTrainedTokenizerBase, tokens: int, count: int) -> list[torch.Tensor]:
     """`count` windows `[1, tokens]` of the held-out chapters, spread evenly over them (overlapping if needed)."""
-    ids = tokenizer("\n\n".join(prose_paragraphs("heldout")), add_special_tokens=False, return_tensors="pt")[
-        "input_ids"
-    ]
+    ids = tokenizer(prose_text("heldout"), add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.shape[1] < tokens:
         raise ValueError(f"the held-out text has {ids.shape[1]} tokens, fewer than the {tokens} asked for")
     last = ids.shape[1] - tokens
@@ -48,7 +46,7 @@ def heldout_windows(tokenizer: PreTrainedTokenizerBase, tokens: int, count: int)
 def decoded_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache, positions: int) -> torch.Tensor:
     """`[positions, vocab]` fp32 logits at the last `positions` tokens of `input_ids` `[1, T]`: the tokens before
     them are prefilled exactly, then each of them is fed one at a time on `cache`."""
-    device = next(model.parameters()).device
+    device = model.device
     input_ids = input_ids.to(device)
     split = input_ids.shape[1] - positions
     with torch.no_grad():
@@ -71,7 +69,7 @@ def next_token_agreement(reference: torch.Tensor, logits: torch.Tensor) -> tuple
 def answers_correctly(model: PreTrainedModel, tokenizer, prompt_ids: list[int], answer: str, cache) -> bool:
     """Greedy-decode the answer with `cache` and check that it contains `answer` (small models often restate the
     question first, hence the room beyond the answer's length)."""
-    device = next(model.parameters()).device
+    device = model.device
     ids = torch.tensor([prompt_ids], device=device)
     answer_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
@@ -164,8 +162,8 @@ def standard_methods(
         by_ratio = {round(m.keep_ratio, 2): m for m in learned}
         methods["learned"] = lambda ratio, prompt: by_ratio.get(round(ratio, 2))
     if "calibration" in baselines:
-        text = "\n\n".join(prose_paragraphs("train"))
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :calibration_tokens]
+        ids = tokenizer(prose_text("train"), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = ids[:, :calibration_tokens]
 
         @functools.cache
         def calibrated(ratio: float) -> LeanKMasks:

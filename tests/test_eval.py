@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leank_hf import LeanKCache, LeanKMasks, ModelSpec, select_channels
 from leank_hf.baselines import random_masks, think_masks
-from leank_hf.data import prose_paragraphs
+from leank_hf.data import prose_text
 from leank_hf.eval import (
     FULL_CACHE,
     decoded_logits,
@@ -96,8 +96,7 @@ def test_calibration_baseline_uses_training_prose(smollm2_tokenizer):
                                calibration_tokens=256)  # fmt: skip
     masks = methods["calibration"](0.5, None)
     assert masks is methods["calibration"](0.5, None), "computed once per ratio"
-    text = "\n\n".join(prose_paragraphs("train"))
-    ids = smollm2_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :256]
+    ids = smollm2_tokenizer(prose_text("train"), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :256]
     expected = select_channels(independent_scores(model, ids, torch.ones_like(ids)), 0.5, 16)
     assert torch.equal(masks.channel_mask, expected)
     with pytest.raises(ValueError, match="unknown baselines"):

@@ -29,3 +29,9 @@ def prose_paragraphs(split: Split = "train") -> tuple[str, ...]:
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     boundary = next(i for i, p in enumerate(paragraphs) if p.startswith(_HELDOUT_FIRST_CHAPTER))
     return tuple(paragraphs[:boundary] if split == "train" else paragraphs[boundary:])
+
+
+def prose_text(split: Split = "train") -> str:
+    """One split of the book as one text, paragraphs separated by blank lines (as `make_retrieval_dataset` joins
+    them)."""
+    return "\n\n".join(prose_paragraphs(split))

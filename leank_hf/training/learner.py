@@ -47,7 +47,8 @@ class MaskLearner(nn.Module):
 
     Each forward prefills the prompt once (exact, no gradients), then runs the answer tokens twice on top of it: as
     the teacher with full attention, and as the student, whose answer queries see full keys for the first `sink`
-    and the latest `recent` tokens and `k ⊙ scale` for the tokens in between. The loss is the mean squared error
+    tokens, themselves and the `recent` tokens before them (what the decode cache keeps at least), and `k ⊙ scale`
+    for the tokens in between. The loss is the mean squared error
     between the two final hidden states on answer (labelled) tokens plus `l1_weight · mean(|scale|)`. Gradients
     flow only through the answer tokens, so a long prompt costs one no-grad forward.
 
@@ -74,7 +75,7 @@ class MaskLearner(nn.Module):
         self.base_model = base_model or getattr(model.config, "_name_or_path", None) or None
         self.layers = self.spec.leank_layers
         self._row = {layer: row for row, layer in enumerate(self.layers)}
-        device = next(model.parameters()).device
+        device = model.device
         shape = (len(self.layers), self.spec.num_kv_heads, self.spec.head_dim)
         self.channel_scales = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))
         # Set by LeanKMaskCallback: the schedule of the method.

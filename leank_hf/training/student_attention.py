@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..attention import register_implementation
 
 STUDENT_IMPLEMENTATION = "leank_student"
 # Scores per chunk of answer queries (batch x q heads x queries x keys): 64 Mi elements, 256 MiB per fp32 tensor of
@@ -43,8 +43,7 @@ _active_step: contextvars.ContextVar[StudentStep | None] = contextvars.ContextVa
 
 def register() -> None:
     """Register the student's attention and mask functions with transformers (safe to call repeatedly)."""
-    AttentionInterface.register(STUDENT_IMPLEMENTATION, _student_attention_forward)
-    AttentionMaskInterface.register(STUDENT_IMPLEMENTATION, sdpa_mask)
+    register_implementation(STUDENT_IMPLEMENTATION, _student_attention_forward)
 
 
 @contextlib.contextmanager
