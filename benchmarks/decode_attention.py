@@ -48,9 +48,10 @@ def pruned_cache(mask: torch.Tensor, batch: int, context: int, sink: int, recent
         sink_keys=rand(batch, KV_HEADS, sink, HEAD_DIM),
         sink_values=rand(batch, KV_HEADS, sink, HEAD_DIM),
         sink_lengths=torch.full((batch,), sink, device="cuda"),
-        middle_keys=rand(batch, middle, layout.packed_channels),
+        middle_keys=rand(*layout.middle_key_shape(batch, middle)),
         middle_values=rand(batch, len(layout.value_heads), middle, HEAD_DIM),
         middle_valid=torch.ones(batch, middle, dtype=torch.bool, device="cuda"),
+        middle_start=torch.zeros(batch, dtype=torch.long, device="cuda"),
         recent_keys=rand(batch, KV_HEADS, window, HEAD_DIM),
         recent_values=rand(batch, KV_HEADS, window, HEAD_DIM),
         recent_valid=torch.ones(batch, window, dtype=torch.bool, device="cuda"),
@@ -64,14 +65,14 @@ def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def graph_median_ms(fn) -> float:
+def graph_median_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     """Median ms of `fn` replayed from a CUDA graph: the GPU time without Python launch costs."""
-    fn()  # compile and autotune outside the capture
+    fn()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
 
 
 def bench_sdpa(query: torch.Tensor, context: int, scaling: float) -> tuple[float, float, int]:

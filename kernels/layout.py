@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -10,30 +11,35 @@ import torch
 
 @dataclass(frozen=True)
 class ChannelLayout:
-    """Where each KV head's kept key channels live in a layer's packed middle-key store.
+    """Where each KV head's kept key channels live in a layer's middle-key store.
 
-    The middle keys of all heads of a layer are stored as one `[batch, tokens, C]` tensor whose columns are the kept
-    channels of head 0, then head 1, ...; `C` is the layer's total kept count. Values are stored only for heads that
-    keep at least one channel.
+    A layer's kept channels, head 0's then head 1's and so on, are cut into chunks of `chunk` channels; a head owns
+    `kept / chunk` consecutive chunks. Middle keys are stored chunk-major, `[batch, chunks, tokens, chunk]`, so a
+    head's keys for a run of tokens are one contiguous stretch of memory per chunk (the kernel reads them in long
+    coalesced bursts, never strided by the other heads' channels). Values are stored only for heads that keep at
+    least one channel.
 
     Attributes:
-        packed_index: `[C]` long, index of each packed column into the flattened `(head, channel)` axis.
+        packed_index: `[C]` long, index of each kept channel into the flattened `(head, channel)` axis, in store order.
         value_heads: `[Hv]` long, the heads that have a middle-value row, in row order.
-        kept_flat: `[C]` int32, channel index (within its head) of each packed column.
-        offsets_table: `[H + 1]` int32; head `h` owns packed columns `[offsets_table[h], offsets_table[h + 1])`.
+        chunk_heads: `[C / chunk]` long, the head that owns each chunk.
+        chunk_channels: `[C / chunk, chunk]` long, the channel (within its head) of each chunk's lanes.
+        channel_table: `[H, max_kept]` int32, each head's kept channels, zero-padded (the kernel's copy).
+        offsets_table: `[H + 1]` int32; head `h` owns kept channels `[offsets_table[h], offsets_table[h + 1])`.
         value_rows_table: `[H]` int32, each head's row in the middle-value store, or -1 for a head that keeps nothing.
-        own_columns: `[H, C]` bool, True where a packed column belongs to that head (the PyTorch path scores every
-            head in one matmul with it).
-        chunk: largest power of two (<= 64) dividing every head's kept count: the kernels' channel tile.
+        kept_counts: each head's kept channel count (host ints, for launch arithmetic).
+        chunk: largest power of two (<= 64) dividing every head's kept count.
         max_kept: the largest kept count rounded up to a power of two (at least 16): the kernels' channel width.
     """
 
     packed_index: torch.Tensor
     value_heads: torch.Tensor
-    kept_flat: torch.Tensor
+    chunk_heads: torch.Tensor
+    chunk_channels: torch.Tensor
+    channel_table: torch.Tensor
     offsets_table: torch.Tensor
     value_rows_table: torch.Tensor
-    own_columns: torch.Tensor
+    kept_counts: tuple[int, ...]
     chunk: int
     max_kept: int
 
@@ -41,46 +47,63 @@ class ChannelLayout:
     def from_mask(cls, mask: torch.Tensor, device: torch.device | str | None = None) -> ChannelLayout:
         """Build the layout of a `[kv_heads, head_dim]` boolean keep-mask, with index tensors on `device`."""
         num_heads, head_dim = mask.shape
-        kept = tuple(mask[h].nonzero().flatten().to(device) for h in range(num_heads))
-        counts = [len(k) for k in kept]
-        offsets = tuple(int(sum(counts[:h])) for h in range(num_heads + 1))
-        value_heads = [h for h in range(num_heads) if counts[h] > 0]
-        value_rows = tuple(value_heads.index(h) if counts[h] > 0 else -1 for h in range(num_heads))
-        packed_index = torch.cat([k + h * head_dim for h, k in enumerate(kept)]) if kept else torch.empty(0)
-        column_heads = torch.repeat_interleave(torch.arange(num_heads), torch.tensor(counts, dtype=torch.long))
+        mask = mask.bool().cpu()
+        counts = mask.sum(1).tolist()
         chunk = 64
         while chunk > 1 and any(count % chunk for count in counts):
             chunk //= 2
+        heads, channels = mask.nonzero(as_tuple=True)  # row-major: head 0's channels first
+        offsets = [0, *itertools.accumulate(counts)]
+        value_heads = [h for h in range(num_heads) if counts[h] > 0]
+        value_rows = [value_heads.index(h) if counts[h] > 0 else -1 for h in range(num_heads)]
+        max_kept = max(16, 1 << (max(counts, default=1) - 1).bit_length())
         return cls(
-            packed_index=packed_index.long().to(device),
+            packed_index=(heads * head_dim + channels).to(device),
             value_heads=torch.tensor(value_heads, dtype=torch.long, device=device),
-            kept_flat=torch.cat(kept).to(device=device, dtype=torch.int32)
-            if kept
-            else torch.empty(0, dtype=torch.int32),
+            chunk_heads=heads[::chunk].to(device),
+            chunk_channels=channels.reshape(-1, chunk).to(device),
+            channel_table=_padded_rows(channels.split(counts), max_kept).to(device),
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
             value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
-            own_columns=(torch.arange(num_heads)[:, None] == column_heads[None]).to(device),
+            kept_counts=tuple(counts),
             chunk=chunk,
-            max_kept=max(16, 1 << (max(counts, default=1) - 1).bit_length()),
+            max_kept=max_kept,
         )
 
     @property
     def num_heads(self) -> int:
-        return self.own_columns.shape[0]
+        return self.offsets_table.shape[0] - 1
 
     @property
     def packed_channels(self) -> int:
-        return self.own_columns.shape[1]
+        return self.packed_index.shape[0]
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunk_heads.shape[0]
+
+    def middle_key_shape(self, batch: int, tokens: int) -> tuple[int, int, int, int]:
+        """Shape of the middle-key store for `tokens` tokens per row."""
+        return batch, self.num_chunks, tokens, self.chunk
 
     def pack_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """`[B, H, n, D]` full keys → `[B, n, C]` kept channels packed by head."""
+        """`[B, H, n, D]` full keys → `[B, chunks, n, chunk]` kept channels (a view; copy it into the store)."""
         batch, heads, tokens, head_dim = keys.shape
-        flat = keys.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-        return flat.index_select(-1, self.packed_index)
+        by_channel = keys.transpose(2, 3).reshape(batch, heads * head_dim, tokens)
+        kept = by_channel.index_select(1, self.packed_index)  # [B, C, n]: reads only the kept channels
+        return kept.view(batch, self.num_chunks, self.chunk, tokens).transpose(2, 3)
 
     def select_values(self, values: torch.Tensor) -> torch.Tensor:
         """`[B, H, n, D]` values → `[B, Hv, n, D]` of the heads that keep at least one channel."""
         return values.index_select(1, self.value_heads)
+
+
+def _padded_rows(rows: tuple[torch.Tensor, ...], width: int) -> torch.Tensor:
+    """`[len(rows), width]` int32 with each row's values first, then zeros."""
+    table = torch.zeros(len(rows), width, dtype=torch.int32)
+    for index, row in enumerate(rows):
+        table[index, : len(row)] = row
+    return table
 
 
 class PrunedKV(NamedTuple):
@@ -93,9 +116,12 @@ class PrunedKV(NamedTuple):
         sink_keys: `[B, H, S, D]` full keys of the first `sink` real tokens of each row.
         sink_values: `[B, H, S, D]`.
         sink_lengths: `[B]` int, slots `[0, len)` of row b's sink are filled.
-        middle_keys: `[B, M, C]` kept key channels, packed by head (see `ChannelLayout`).
+        middle_keys: `[B, C / chunk, M, chunk]` kept key channels, chunk-major (see `ChannelLayout`).
         middle_values: `[B, Hv, M, D]` values of the heads that keep at least one channel.
         middle_valid: `[B, M]` bool.
+        middle_start: `[B]` int, or None. When given, each row's real middle tokens are exactly its slots from
+            `middle_start[b]` on (what left padding gives; `middle_valid` says the same), which is all the decode
+            kernel reads; None when some row's are not contiguous (only the PyTorch path handles that).
         recent_keys: `[B, H, W, D]` full keys of the recent window.
         recent_values: `[B, H, W, D]`.
         recent_valid: `[B, W]` bool.
@@ -108,7 +134,12 @@ class PrunedKV(NamedTuple):
     middle_keys: torch.Tensor
     middle_values: torch.Tensor
     middle_valid: torch.Tensor
+    middle_start: torch.Tensor | None
     recent_keys: torch.Tensor
     recent_values: torch.Tensor
     recent_valid: torch.Tensor
     layout: ChannelLayout
+
+    @property
+    def middle_len(self) -> int:
+        return self.middle_valid.shape[1]

@@ -27,7 +27,7 @@ def leank_attention_reference(query: torch.Tensor, cache: PrunedKV, scaling: flo
     # Multi-token steps (chunked prefill) attend in blocks of queries, so the fp32 scores stay under
     # _SCORE_ELEMENTS instead of growing with Q x context.
     batch, num_q_heads, q_len, _ = query.shape
-    keys = cache.sink_keys.shape[2] + cache.middle_keys.shape[1] + cache.recent_keys.shape[2]
+    keys = cache.sink_keys.shape[2] + cache.middle_len + cache.recent_keys.shape[2]
     block = max(1, _SCORE_ELEMENTS // max(1, batch * num_q_heads * keys))
     outputs = [
         _attend_block(query[:, :, start : start + block], start, q_len, cache, scaling)
@@ -58,14 +58,15 @@ def _attend_block(query: torch.Tensor, first: int, q_len: int, cache: PrunedKV, 
 
     sink_scores = _masked(q @ cache.sink_keys.transpose(-1, -2), sink_valid[:, None, None, :])
     window_scores = _masked(q @ cache.recent_keys.transpose(-1, -2), window_ok[:, None])
-    middle_len = cache.middle_keys.shape[1]
-    # Every head's scores in one matmul over the packed channels: each head's queries are spread over its own
-    # columns (its kept channels) and are zero in the other heads' columns. Heads that keep nothing get -inf.
-    q_columns = q.index_select(-1, layout.kept_flat) * layout.own_columns[:, None]  # [B, H, GQ, C]
-    rows = num_heads * group * block
-    middle_scores = q_columns.reshape(batch, rows, layout.packed_channels) @ cache.middle_keys.transpose(1, 2)
-    middle_scores = middle_scores.float().reshape(batch, num_heads, group * block, middle_len)
-    pruned_heads = ~layout.own_columns.any(-1)
+    middle_len = cache.middle_len
+    # Each chunk of kept channels scores against its own head's queries only (no products with zeros), then the
+    # chunks of a head add up. Heads that keep nothing get -inf: their middle tokens get no weight at all.
+    q_by_channel = q.transpose(1, 2).reshape(batch, group * block, num_heads * head_dim)
+    q_chunks = q_by_channel.index_select(-1, layout.packed_index).view(batch, group * block, -1, layout.chunk)
+    chunk_scores = q_chunks.transpose(1, 2) @ cache.middle_keys.transpose(-1, -2)  # [B, chunks, GQ, M]
+    middle_scores = chunk_scores.new_zeros(batch, num_heads, group * block, middle_len, dtype=torch.float32)
+    middle_scores.index_add_(1, layout.chunk_heads, chunk_scores.float())
+    pruned_heads = layout.offsets_table.diff() == 0
     middle_scores = middle_scores.masked_fill(pruned_heads[:, None, None], -torch.inf)
     middle_scores = _masked(middle_scores, cache.middle_valid[:, None, None, :])
 

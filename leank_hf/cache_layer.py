@@ -62,6 +62,8 @@ class LeanKLayer(CacheLayerMixin):
         super().__init__()
         self.channel_mask = channel_mask.bool()
         self.sink, self.recent, self.block_size = sink, recent, block_size
+        # The window holds at most `recent + block_size - 1` tokens between steps.
+        self._window_capacity = _round_up(recent + block_size, block_size)
         self._clear()
 
     def _clear(self) -> None:
@@ -72,7 +74,8 @@ class LeanKLayer(CacheLayerMixin):
         self._middle = 0  # stored middle columns
         self._sink_slots = 0  # max filled sink slots over the rows
         self.sink_keys = self.sink_values = self.sink_lengths = None
-        self.middle_keys = self.middle_values = self.middle_valid = None
+        self.middle_keys = self.middle_values = self.middle_valid = self.middle_start = None
+        self._middle_has_holes = False
         self.recent_keys = self.recent_values = self.recent_valid = None
 
     # ----------------------------------------------------------------------------------------------- HF API
@@ -91,9 +94,10 @@ class LeanKLayer(CacheLayerMixin):
         self.sink_keys = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
         self.sink_values = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
         self.sink_lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.middle_keys = torch.empty(batch, 0, self.layout.packed_channels, **kv_kwargs)
+        self.middle_keys = torch.empty(self.layout.middle_key_shape(batch, 0), **kv_kwargs)
         self.middle_values = torch.empty(batch, len(self.layout.value_heads), 0, head_dim, **kv_kwargs)
         self.middle_valid = torch.empty(batch, 0, dtype=torch.bool, device=self.device)
+        self.middle_start = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.recent_keys = torch.empty(batch, heads, 0, head_dim, **kv_kwargs)
         self.recent_values = torch.empty(batch, heads, 0, head_dim, **kv_kwargs)
         self.recent_valid = torch.empty(batch, 0, dtype=torch.bool, device=self.device)
@@ -178,9 +182,10 @@ class LeanKLayer(CacheLayerMixin):
             sink_keys=self.sink_keys[:, :, : self._sink_slots],
             sink_values=self.sink_values[:, :, : self._sink_slots],
             sink_lengths=self.sink_lengths,
-            middle_keys=self.middle_keys[:, : self._middle],
+            middle_keys=self.middle_keys[:, :, : self._middle],
             middle_values=self.middle_values[:, :, : self._middle],
             middle_valid=self.middle_valid[:, : self._middle],
+            middle_start=None if self._middle_has_holes else self.middle_start,
             recent_keys=self.recent_keys[:, :, : self._window],
             recent_values=self.recent_values[:, :, : self._window],
             recent_valid=self.recent_valid[:, : self._window],
@@ -192,20 +197,8 @@ class LeanKLayer(CacheLayerMixin):
 
         `valid` `[B, Q]` is False for padding (None = all real). Call `settle` once attention is done.
         """
-        if step is not self._pending:
-            raise RuntimeError("LeanKLayer.stage got a step this layer did not hand out")
-        self._pending = None
-        keys, values = step.keys, step.values
-        if valid is None:
-            valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
-        start, end = self._window, self._window + keys.shape[2]
-        self.recent_keys = _grown(self.recent_keys, 2, start, end, self.block_size)
-        self.recent_values = _grown(self.recent_values, 2, start, end, self.block_size)
-        self.recent_valid = _grown(self.recent_valid, 1, start, end, self.block_size)
-        self.recent_keys[:, :, start:end] = keys
-        self.recent_values[:, :, start:end] = values
-        self.recent_valid[:, start:end] = valid
-        self._window = end
+        self._take(step)
+        self._append_to_window(step.keys, step.values, _validity(valid, step.keys))
 
     def settle(self) -> None:
         """After attention: once the window reaches `recent + block_size`, all but its latest `recent` tokens leave."""
@@ -217,7 +210,7 @@ class LeanKLayer(CacheLayerMixin):
         )
         # Keep the latest `recent` tokens at the front, in a buffer no larger than the window ever needs between
         # steps (a long chunked-prefill step may have grown it).
-        capacity = min(self.recent_keys.shape[2], _round_up(self.recent + self.block_size, self.block_size))
+        capacity = min(self.recent_keys.shape[2], self._window_capacity)
         for name in ("recent_keys", "recent_values", "recent_valid"):
             tensor = getattr(self, name)
             axis = 2 if tensor.ndim == 4 else 1  # tokens: [B, H, W, D] keys/values, [B, W] flags
@@ -231,9 +224,35 @@ class LeanKLayer(CacheLayerMixin):
         self._window = self.recent
 
     def commit(self, step: PendingStep, valid: torch.Tensor | None) -> None:
-        """Store a step whose attention ran elsewhere (the exact prefill): `stage` then `settle`."""
-        self.stage(step, valid)
+        """Store a step whose attention ran elsewhere (the exact prefill); same result as `stage` then `settle`.
+
+        Into an empty window, the tokens that would leave it at once go straight to the sink and middle stores, so a
+        long prompt is never copied into the window first (less time, and less memory at the prefill's peak).
+        """
+        self._take(step)
+        keys, values, valid = step.keys, step.values, _validity(valid, step.keys)
+        if self._window == 0 and keys.shape[2] >= self.recent + self.block_size:
+            leaving = keys.shape[2] - self.recent
+            self._flush(keys[:, :, :leaving], values[:, :, :leaving], valid[:, :leaving])
+            keys, values, valid = keys[:, :, leaving:], values[:, :, leaving:], valid[:, leaving:]
+        self._append_to_window(keys, values, valid)
         self.settle()
+
+    def _take(self, step: PendingStep) -> None:
+        if step is not self._pending:
+            raise RuntimeError("LeanKLayer got a step this layer did not hand out")
+        self._pending = None
+
+    def _append_to_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        start, end = self._window, self._window + keys.shape[2]
+        needed = max(end, self._window_capacity)  # the most the window holds between steps, allocated once
+        self.recent_keys = _grown(self.recent_keys, 2, start, needed, self.block_size)
+        self.recent_values = _grown(self.recent_values, 2, start, needed, self.block_size)
+        self.recent_valid = _grown(self.recent_valid, 1, start, needed, self.block_size)
+        self.recent_keys[:, :, start:end] = keys
+        self.recent_values[:, :, start:end] = values
+        self.recent_valid[:, start:end] = valid
+        self._window = end
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Move tokens `[B, H, n, D]` out of the window:
@@ -242,7 +261,11 @@ class LeanKLayer(CacheLayerMixin):
         rank = self.sink_lengths.unsqueeze(1) + valid.long().cumsum(1) - 1  # real-token rank within the row
         to_sink = valid & (rank < self.sink)
         to_middle = valid & ~to_sink
-        if self.sink and bool(to_sink.any()):
+        has_middle = to_middle.any(0)
+        # One device-to-host read for the decisions below.
+        decisions = (to_sink.any(), has_middle.any(), has_middle.long().argmax(), self._makes_hole(to_middle))
+        any_sink, any_middle, first, hole = torch.stack([d.long() for d in decisions]).tolist()
+        if self.sink and any_sink:
             if self.sink_keys.shape[2] == 0:
                 # Zeros, not empty: rows with fewer sink tokens than others read unfilled slots (with zero weight).
                 self.sink_keys = self.sink_keys.new_zeros(*self.sink_keys.shape[:2], self.sink, self.sink_keys.shape[3])
@@ -253,20 +276,33 @@ class LeanKLayer(CacheLayerMixin):
             self.sink_values[rows, :, slots] = values[rows, :, cols]
             self.sink_lengths += to_sink.sum(1)
             self._sink_slots = int(self.sink_lengths.max())
-        has_middle = to_middle.any(0)
-        if self.layout.packed_channels == 0 or not bool(has_middle.any()):
+        if self.layout.packed_channels == 0 or not any_middle:
             return  # every head prunes everything (nothing would ever read these tokens), or no middle token
         # Leading columns that are sink or padding in every row are not stored.
-        first = int(has_middle.nonzero()[0])
         keys, values, to_middle = keys[:, :, first:], values[:, :, first:], to_middle[:, first:]
         start, end = self._middle, self._middle + keys.shape[2]
-        self.middle_keys = _grown(self.middle_keys, 1, start, end, self.block_size)
-        self.middle_values = _grown(self.middle_values, 2, start, end, self.block_size)
-        self.middle_valid = _grown(self.middle_valid, 1, start, end, self.block_size)
-        self.middle_keys[:, start:end] = self.layout.pack_keys(keys)
+        # Headroom from the first allocation on: the prompt's middle tokens fill the store at once, and decoding must
+        # not re-allocate (and copy) every layer's whole store at its first flush.
+        grow = {"used": start, "needed": end, "block": self.block_size, "headroom": _GROWTH_FRACTION}
+        self.middle_keys = _grown(self.middle_keys, 2, **grow)
+        self.middle_values = _grown(self.middle_values, 2, **grow)
+        self.middle_valid = _grown(self.middle_valid, 1, **grow)
+        self.middle_keys[:, :, start:end] = self.layout.pack_keys(keys)
         self.middle_values[:, :, start:end] = self.layout.select_values(values)
         self.middle_valid[:, start:end] = to_middle
+        leading_invalid = (~to_middle).long().cumprod(1).sum(1)
+        self.middle_start = torch.where(self.middle_start == start, start + leading_invalid, self.middle_start)
+        self._middle_has_holes = self._middle_has_holes or bool(hole)
         self._middle = end
+
+    def _makes_hole(self, to_middle: torch.Tensor) -> torch.Tensor:
+        """Whether appending `to_middle` `[B, n]` would leave some row's real middle tokens non-contiguous (a
+        non-real slot after a real one). Left padding never does; then each row's real middle tokens are exactly
+        the slots from `middle_start` on, which is all the decode kernel reads (conservative: may say True when
+        the slots in question are not stored)."""
+        real_before = (self.middle_start < self._middle)[:, None]
+        after_real = real_before | to_middle.long().cummax(1).values.bool()
+        return (after_real & ~to_middle).any()
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-axis transform (beam reorder, repeat, select) to every stored tensor."""
@@ -275,7 +311,7 @@ class LeanKLayer(CacheLayerMixin):
         if self._pending is not None:
             raise RuntimeError("cannot reorder a LeanKCache in the middle of a forward pass")
         for name in (
-            "sink_keys", "sink_values", "sink_lengths", "middle_keys", "middle_values", "middle_valid",
+            "sink_keys", "sink_values", "sink_lengths", "middle_keys", "middle_values", "middle_valid", "middle_start",
             "recent_keys", "recent_values", "recent_valid",
         ):  # fmt: skip
             setattr(self, name, fn(getattr(self, name)))
@@ -289,20 +325,27 @@ class LeanKLayer(CacheLayerMixin):
             return LayerMemory(layer_idx, "leank", 0, 0, 0, 0, 0)
         key_bytes = held_bytes(self.sink_keys, self.middle_keys, self.recent_keys)
         value_bytes = held_bytes(self.sink_values, self.middle_values, self.recent_values)
-        other_bytes = held_bytes(self.sink_lengths, self.middle_valid, self.recent_valid)
+        other_bytes = held_bytes(self.sink_lengths, self.middle_valid, self.middle_start, self.recent_valid)
         live = (
             _live_bytes(self.sink_keys, 2, self._sink_slots) * 2
-            + _live_bytes(self.middle_keys, 1, self._middle)
+            + _live_bytes(self.middle_keys, 2, self._middle)
             + _live_bytes(self.middle_values, 2, self._middle)
             + _live_bytes(self.middle_valid, 1, self._middle)
             + _live_bytes(self.recent_keys, 2, self._window) * 2
             + _live_bytes(self.recent_valid, 1, self._window)
-            + held_bytes(self.sink_lengths)
+            + held_bytes(self.sink_lengths, self.middle_start)
         )
         batch, heads, _, head_dim = self.recent_keys.shape
         dense = 2 * batch * heads * self.seq_len * head_dim * self.recent_keys.element_size()
         total = key_bytes + value_bytes + other_bytes
         return LayerMemory(layer_idx, "leank", key_bytes, value_bytes, other_bytes, total - live, dense)
+
+
+def _validity(valid: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+    """`[B, Q]` real-token flags of `keys` `[B, H, Q, D]`; None means every token is real."""
+    if valid is None:
+        return torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+    return valid
 
 
 def _live_bytes(tensor: torch.Tensor, dim: int, used: int) -> int:
@@ -313,15 +356,16 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _grown(tensor: torch.Tensor, dim: int, used: int, needed: int, block: int) -> torch.Tensor:
+def _grown(tensor: torch.Tensor, dim: int, used: int, needed: int, block: int, headroom: float = 0.0) -> torch.Tensor:
     """`tensor` with room for `needed` entries along `dim`, keeping the first `used`.
 
-    Capacity grows by about `_GROWTH_FRACTION` of itself, in whole blocks.
+    When it must grow, capacity grows by about `_GROWTH_FRACTION` of itself, and to at least `needed * (1 + headroom)`,
+    in whole blocks.
     """
     capacity = tensor.shape[dim]
     if needed <= capacity:
         return tensor
-    new_capacity = _round_up(max(needed, int(capacity * (1 + _GROWTH_FRACTION))), block)
+    new_capacity = _round_up(max(int(needed * (1 + headroom)), int(capacity * (1 + _GROWTH_FRACTION))), block)
     shape = list(tensor.shape)
     shape[dim] = new_capacity
     grown = tensor.new_empty(shape)

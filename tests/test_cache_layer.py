@@ -108,7 +108,8 @@ def test_fully_pruned_head_drops_middle_tokens_and_their_values():
         pass
     view = layer.view()
     assert view.middle_values.shape[1] == 1, "only the head that keeps channels stores middle values"
-    assert view.middle_keys.shape[-1] == 8, "middle keys hold only the kept channels"
+    chunks, chunk = view.middle_keys.shape[1], view.middle_keys.shape[3]
+    assert chunks * chunk == 8, "middle keys hold only the kept channels"
 
 
 def test_middle_store_holds_only_kept_channels_and_no_full_keys():
@@ -119,8 +120,13 @@ def test_middle_store_holds_only_kept_channels_and_no_full_keys():
         pass
     view = layer.view()
     kept_total = int(mask.sum())
-    assert view.middle_keys.shape[-1] == kept_total
-    assert layer.middle_keys.shape[-1] == kept_total
+    for keys in (view.middle_keys, layer.middle_keys):
+        assert keys.shape[1] * keys.shape[3] == kept_total
+    # Each stored chunk equals the kept channels of its head's full keys (chunk-major store).
+    layout, full = layer.layout, torch.randn(2, 4, 5, 64, generator=generator)
+    packed = layout.pack_keys(full)
+    for index, (head, channels) in enumerate(zip(layout.chunk_heads.tolist(), layout.chunk_channels, strict=True)):
+        torch.testing.assert_close(packed[:, index], full[:, head][..., channels])
     assert view.recent_keys.shape[2] <= 16 + 8 - 1
     assert view.sink_keys.shape[2] <= 4
 
@@ -134,11 +140,13 @@ def test_memory_report_equals_tensors_held():
     report = layer.memory(0)
     assert report.key_bytes == held_bytes(layer.sink_keys, layer.middle_keys, layer.recent_keys)
     assert report.value_bytes == held_bytes(layer.sink_values, layer.middle_values, layer.recent_values)
-    assert report.other_bytes == held_bytes(layer.sink_lengths, layer.middle_valid, layer.recent_valid)
+    assert report.other_bytes == held_bytes(
+        layer.sink_lengths, layer.middle_valid, layer.middle_start, layer.recent_valid
+    )
     kept = int(mask.sum())
     value_heads = int((mask.sum(-1) > 0).sum())
     # Exact byte count of what the layer must hold: 2 rows, bf16.
-    middle = layer.middle_keys.shape[1]
+    middle = layer.middle_keys.shape[2]
     window = layer.recent_keys.shape[2]
     expected_keys = 2 * 2 * (2 * 4 * 32 + middle * kept + 2 * window * 32)
     expected_values = 2 * 2 * (2 * 4 * 32 + value_heads * middle * 32 + 2 * window * 32)
@@ -160,6 +168,18 @@ def test_growth_is_amortised_and_reserved_capacity_small():
     assert reallocations <= 20
     report = layer.memory(0)
     assert report.reserved_bytes <= 0.10 * report.total_bytes
+
+
+def test_decoding_after_a_long_prefill_does_not_reallocate_the_middle_store():
+    generator = torch.Generator().manual_seed(6)
+    layer = LeanKLayer(random_mask(2, 32, 8, generator), sink=4, recent=32, block_size=16)
+    steps = drive_layer(layer, [2000] + [1] * 100, [0], 2, 32, torch.float32, generator)
+    next(steps)
+    pointers = {layer.middle_keys.data_ptr()}
+    for _ in steps:
+        pointers.add(layer.middle_keys.data_ptr())
+    assert len(pointers) == 1, "the prefill's allocation leaves room for the first flushes"
+    assert layer.view().middle_len > 2000 - 4 - 32
 
 
 def test_crop_rolls_back_window_tokens_and_refuses_pruned_ones():
@@ -194,6 +214,31 @@ def test_batch_reorder_select_and_repeat_follow_rows():
     layer.batch_select_indices(torch.tensor([1, 4]))
     assert layer.batch_size == 2
     torch.testing.assert_close(layer.view().middle_valid[1], after.middle_valid[2])
+
+
+def test_middle_start_is_where_each_rows_real_middle_tokens_begin():
+    generator = torch.Generator().manual_seed(7)
+    layer = LeanKLayer(random_mask(2, 32, 8, generator), sink=4, recent=8, block_size=4)
+    checked = 0
+    for _ in drive_layer(layer, [40, 3] + [1] * 9, [0, 13, 30], 4, 32, torch.float32, generator):
+        view = layer.view()
+        if view.middle_len:
+            slots = torch.arange(view.middle_len)
+            assert torch.equal(view.middle_valid, slots >= view.middle_start[:, None])
+            checked += 1
+    assert checked and int(layer.view().middle_start.max()) > 0, "left padding made ragged starts"
+
+
+def test_real_middle_tokens_with_a_gap_leave_middle_start_unset():
+    """Padding after a row's real tokens (e.g. right padding) leaves a gap only the PyTorch path handles."""
+    layer = LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2, block_size=1)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, 5:8] = False
+    step, _ = layer.update(torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16))
+    layer.commit(step, valid)
+    assert layer.view().middle_start is None
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert layer.view().middle_start is None, "the gap stays known"
 
 
 def test_reused_with_other_batch_size_raises():

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from leank_hf.kernels import ChannelLayout, PrunedKV, leank_attention_reference
-from leank_hf.kernels.decode import leank_decode_triton, supports
+from leank_hf.kernels.decode import DecodeTuning, leank_decode_triton, supports
 
 from .test_cache_layer import random_mask
 from .tolerances import assert_close
@@ -23,11 +23,24 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Float buffers the kernel allocates start as NaN, so an output or partial it never writes cannot pass."""
+    allocate = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = allocate(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 def random_cache(
     batch: int, heads: int, head_dim: int, align: int, sink: int, middle: int, window: int, dtype: torch.dtype,
     seed: int, prune_head: int | None = 0,
 ) -> PrunedKV:  # fmt: skip
-    """A pruned cache with ragged sink lengths, padding holes in middle and window, and one fully pruned head."""
+    """A pruned cache with ragged sink lengths, ragged starts of the real middle tokens (left padding), holes in
+    the window, and one fully pruned head."""
     gen = torch.Generator().manual_seed(seed)
     mask = random_mask(heads, head_dim, align, gen, prune_head=prune_head)
     layout = ChannelLayout.from_mask(mask, DEVICE)
@@ -38,16 +51,19 @@ def random_cache(
     sink_lengths = torch.randint(0, sink + 1, (batch,), generator=gen)
     if sink:
         sink_lengths[0] = sink
-    middle_valid = torch.rand(batch, middle, generator=gen) > 0.2
+    middle_start = torch.randint(0, middle // 2 + 1, (batch,), generator=gen)
+    middle_start[0] = 0
+    middle_valid = torch.arange(middle) >= middle_start[:, None]
     window_valid = torch.rand(batch, window, generator=gen) > 0.2
     window_valid[:, -1] = True  # this step's own token
     return PrunedKV(
         sink_keys=rand(batch, heads, sink, head_dim),
         sink_values=rand(batch, heads, sink, head_dim),
         sink_lengths=sink_lengths.to(DEVICE),
-        middle_keys=rand(batch, middle, layout.packed_channels),
+        middle_keys=rand(*layout.middle_key_shape(batch, middle)),
         middle_values=rand(batch, len(layout.value_heads), middle, head_dim),
         middle_valid=middle_valid.to(DEVICE),
+        middle_start=middle_start.to(DEVICE),
         recent_keys=rand(batch, heads, window, head_dim),
         recent_values=rand(batch, heads, window, head_dim),
         recent_valid=window_valid.to(DEVICE),
@@ -89,13 +105,48 @@ def test_kernel_matches_reference(batch, hq, h, d, align, sink, middle, window, 
     assert_close(out, reference(query, cache, scaling), dtype)
 
 
+TUNINGS = [
+    pytest.param(DecodeTuning(64, block_n=16, min_split_tokens=16), id="many-small-splits"),
+    pytest.param(DecodeTuning(64, block_n=16, num_stages=3, min_split_tokens=32), id="three-stages"),
+    pytest.param(DecodeTuning(2, block_n=32, num_warps=8, num_stages=2, min_split_tokens=64), id="block32-8warps"),
+    pytest.param(DecodeTuning(0.1, block_n=64), id="one-split-per-head"),
+]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS)
+def test_every_tuning_gives_the_same_attention(tuning):
+    dtype = DTYPES[-1]
+    cache = random_cache(3, 4, 64, 16, 5, 300, 140, dtype, seed=7)
+    query = torch.randn(3, 8, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
+    expected = reference(query, cache, 0.1)
+    for _ in range(2):  # the fused merge's counters are back at zero for the next call
+        assert_close(leank_decode_triton(query, cache, 0.1, tuning), expected, dtype)
+
+
+def test_heads_keeping_none_few_and_all_channels_share_one_launch():
+    """Kept counts 0, 16, 32 and 128 of 128 in one layer: one tile width, lanes masked per head."""
+    dtype = DTYPES[-1]
+    mask = torch.zeros(4, 128, dtype=torch.bool)
+    for head, count in enumerate([0, 16, 32, 128]):
+        mask[head, torch.randperm(128, generator=torch.Generator().manual_seed(head))[:count]] = True
+    cache = random_cache(2, 4, 128, 16, 3, 150, 7, dtype, seed=11)
+    layout = ChannelLayout.from_mask(mask, DEVICE)
+    middle_keys = torch.randn(*layout.middle_key_shape(2, 150), generator=torch.Generator().manual_seed(12))
+    middle_values = torch.randn(2, 3, 150, 128, generator=torch.Generator().manual_seed(13))
+    cache = cache._replace(layout=layout, middle_keys=middle_keys.to(DEVICE, dtype),
+                           middle_values=middle_values.to(DEVICE, dtype))  # fmt: skip
+    query = torch.randn(2, 8, 1, 128, generator=torch.Generator().manual_seed(14)).to(DEVICE, dtype)
+    expected = reference(query, cache, 0.09)
+    assert_close(leank_decode_triton(query, cache, 0.09, DecodeTuning(min_split_tokens=64)), expected, dtype)
+
+
 def test_every_head_fully_pruned_reads_only_sink_and_window():
     dtype = DTYPES[-1]
     cache = random_cache(2, 2, 64, 16, 4, 50, 6, dtype, seed=3)
     layout = ChannelLayout.from_mask(torch.zeros(2, 64, dtype=torch.bool), DEVICE)
     cache = cache._replace(
         layout=layout,
-        middle_keys=cache.middle_keys[..., :0],
+        middle_keys=cache.middle_keys[:, :0],
         middle_values=cache.middle_values[:, :0],
     )
     query = torch.randn(2, 4, 1, 64).to(DEVICE, dtype)
@@ -121,6 +172,7 @@ def test_supports_only_what_the_kernel_handles():
     eight_channels = torch.zeros(2, 64, dtype=torch.bool)
     eight_channels[0, :8] = True  # tiles of 8 channels are below tl.dot's minimum of 16
     assert not supports(query, cache._replace(layout=ChannelLayout.from_mask(eight_channels)))
+    assert not supports(query, cache._replace(middle_start=None)), "real middle tokens not contiguous"
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compilation happens only with the compiled kernel")
@@ -128,7 +180,7 @@ def test_growing_lengths_never_recompile():
     from leank_hf.kernels import decode
 
     def compiled() -> int:
-        kernels = (decode._leank_decode_split_kernel, decode._combine_kernel)
+        kernels = (decode._leank_decode_kernel, decode._merge_kernel)
         return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
 
     query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.float16)
