@@ -28,6 +28,8 @@ class ChannelLayout:
         offsets_table: `[H + 1]` int32; head `h` owns kept channels `[offsets_table[h], offsets_table[h + 1])`.
         value_rows_table: `[H]` int32, each head's row in the middle-value store, or -1 for a head that keeps nothing.
         kept_counts: each head's kept channel count (host ints, for launch arithmetic).
+        head_chunks: `(head, first chunk, last chunk + 1)` of each head with a middle-value row, in row order (host
+            ints, so writing the stores needs no device-to-host read).
         chunk: largest power of two (<= 64) dividing every head's kept count.
         max_kept: the largest kept count rounded up to a power of two (at least 16): the kernels' channel width.
     """
@@ -40,6 +42,7 @@ class ChannelLayout:
     offsets_table: torch.Tensor
     value_rows_table: torch.Tensor
     kept_counts: tuple[int, ...]
+    head_chunks: tuple[tuple[int, int, int], ...]
     chunk: int
     max_kept: int
 
@@ -66,6 +69,7 @@ class ChannelLayout:
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
             value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
             kept_counts=tuple(counts),
+            head_chunks=tuple((h, offsets[h] // chunk, offsets[h + 1] // chunk) for h in value_heads),
             chunk=chunk,
             max_kept=max_kept,
         )
@@ -86,16 +90,23 @@ class ChannelLayout:
         """Shape of the middle-key store for `tokens` tokens per row."""
         return batch, self.num_chunks, tokens, self.chunk
 
-    def pack_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """`[B, H, n, D]` full keys → `[B, chunks, n, chunk]` kept channels (a view; copy it into the store)."""
-        batch, heads, tokens, head_dim = keys.shape
-        by_channel = keys.transpose(2, 3).reshape(batch, heads * head_dim, tokens)
-        kept = by_channel.index_select(1, self.packed_index)  # [B, C, n]: reads only the kept channels
-        return kept.view(batch, self.num_chunks, self.chunk, tokens).transpose(2, 3)
+    def write_middle(
+        self, keys: torch.Tensor, values: torch.Tensor, key_store: torch.Tensor, value_store: torch.Tensor
+    ) -> None:
+        """Write tokens' kept key channels and their values into slices of the middle stores.
 
-    def select_values(self, values: torch.Tensor) -> torch.Tensor:
-        """`[B, H, n, D]` values → `[B, Hv, n, D]` of the heads that keep at least one channel."""
-        return values.index_select(1, self.value_heads)
+        Args:
+            keys: `[B, H, n, D]` full keys.
+            values: `[B, H, n, D]`.
+            key_store: `[B, chunks, n, chunk]` slice of the middle-key store.
+            value_store: `[B, Hv, n, D]` slice of the middle-value store.
+
+        One head at a time, so what a prefill holds beside its own keys is one head's share, not a layer's.
+        """
+        for row, (head, first, last) in enumerate(self.head_chunks):
+            kept = keys[:, head].index_select(-1, self.chunk_channels[first:last].flatten())  # [B, n, kept]
+            key_store[:, first:last] = kept.unflatten(-1, (last - first, self.chunk)).transpose(1, 2)
+            value_store[:, row] = values[:, head]
 
 
 def _padded_rows(rows: tuple[torch.Tensor, ...], width: int) -> torch.Tensor:

@@ -281,14 +281,10 @@ class LeanKLayer(CacheLayerMixin):
         # Leading columns that are sink or padding in every row are not stored.
         keys, values, to_middle = keys[:, :, first:], values[:, :, first:], to_middle[:, first:]
         start, end = self._middle, self._middle + keys.shape[2]
-        # Headroom from the first allocation on: the prompt's middle tokens fill the store at once, and decoding must
-        # not re-allocate (and copy) every layer's whole store at its first flush.
-        grow = {"used": start, "needed": end, "block": self.block_size, "headroom": _GROWTH_FRACTION}
-        self.middle_keys = _grown(self.middle_keys, 2, **grow)
-        self.middle_values = _grown(self.middle_values, 2, **grow)
-        self.middle_valid = _grown(self.middle_valid, 1, **grow)
-        self.middle_keys[:, :, start:end] = self.layout.pack_keys(keys)
-        self.middle_values[:, :, start:end] = self.layout.select_values(values)
+        self.middle_keys = _grown(self.middle_keys, 2, start, end, self.block_size)
+        self.middle_values = _grown(self.middle_values, 2, start, end, self.block_size)
+        self.middle_valid = _grown(self.middle_valid, 1, start, end, self.block_size)
+        self.layout.write_middle(keys, values, self.middle_keys[:, :, start:end], self.middle_values[:, :, start:end])
         self.middle_valid[:, start:end] = to_middle
         leading_invalid = (~to_middle).long().cumprod(1).sum(1)
         self.middle_start = torch.where(self.middle_start == start, start + leading_invalid, self.middle_start)
@@ -356,16 +352,15 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _grown(tensor: torch.Tensor, dim: int, used: int, needed: int, block: int, headroom: float = 0.0) -> torch.Tensor:
+def _grown(tensor: torch.Tensor, dim: int, used: int, needed: int, block: int) -> torch.Tensor:
     """`tensor` with room for `needed` entries along `dim`, keeping the first `used`.
 
-    When it must grow, capacity grows by about `_GROWTH_FRACTION` of itself, and to at least `needed * (1 + headroom)`,
-    in whole blocks.
+    Capacity grows by about `_GROWTH_FRACTION` of itself, in whole blocks.
     """
     capacity = tensor.shape[dim]
     if needed <= capacity:
         return tensor
-    new_capacity = _round_up(max(int(needed * (1 + headroom)), int(capacity * (1 + _GROWTH_FRACTION))), block)
+    new_capacity = _round_up(max(needed, int(capacity * (1 + _GROWTH_FRACTION))), block)
     shape = list(tensor.shape)
     shape[dim] = new_capacity
     grown = tensor.new_empty(shape)
