@@ -235,7 +235,7 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def split_tokens_for(tuning: DecodeTuning, batch_heads: int, middle_len: int, device: torch.device) -> int:
+def _split_tokens(tuning: DecodeTuning, batch_heads: int, middle_len: int, device: torch.device) -> int:
     """Middle tokens per split: a power of two, so the grid keeps few distinct shapes as the cache grows."""
     budget = tuning.programs_per_sm * _multiprocessors(device)
     split_tokens = triton.next_power_of_2(max(tuning.min_split_tokens, tuning.block_n))
@@ -269,7 +269,7 @@ def leank_decode_triton(
     num_heads = cache.recent_keys.shape[1]
     middle_len = cache.middle_len
     tuning = tuning or DecodeTuning()
-    split_tokens = split_tokens_for(tuning, batch * num_heads, middle_len, query.device)
+    split_tokens = _split_tokens(tuning, batch * num_heads, middle_len, query.device)
     middle_splits = triton.cdiv(middle_len, split_tokens)
     splits = middle_splits + triton.cdiv(cache.sink_keys.shape[2] + cache.recent_keys.shape[2], _FULL_SPLIT_LEN)
 

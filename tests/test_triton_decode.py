@@ -163,6 +163,18 @@ def test_kernel_matches_reference_at_real_shapes(dtype, batch, middle):
     assert_close(out, reference(query, cache, 128**-0.5), dtype)
 
 
+def test_cache_with_gaps_in_real_middle_tokens_takes_the_reference_path():
+    """`leank_attention` dispatches a cache whose middle_start is unknown to the PyTorch path, on any device."""
+    from leank_hf.kernels import leank_attention
+
+    dtype = DTYPES[-1]
+    cache = random_cache(2, 2, 64, 16, 4, 90, 6, dtype, seed=21)
+    holes = torch.rand(2, 90, generator=torch.Generator().manual_seed(22)) > 0.3
+    cache = cache._replace(middle_valid=holes.to(DEVICE), middle_start=None)
+    query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(23)).to(DEVICE, dtype)
+    assert_close(leank_attention(query, cache, 0.125), reference(query, cache, 0.125), dtype)
+
+
 def test_supports_only_what_the_kernel_handles():
     cache = random_cache(1, 2, 64, 16, 2, 10, 3, torch.bfloat16, seed=0)
     query = torch.randn(1, 2, 1, 64, dtype=torch.bfloat16, device=DEVICE)
