@@ -27,7 +27,6 @@ class ChannelLayout:
         channel_table: `[H, max_kept]` int32, each head's kept channels, zero-padded (the kernel's copy).
         offsets_table: `[H + 1]` int32; head `h` owns kept channels `[offsets_table[h], offsets_table[h + 1])`.
         value_rows_table: `[H]` int32, each head's row in the middle-value store, or -1 for a head that keeps nothing.
-        kept_counts: each head's kept channel count (host ints, for launch arithmetic).
         head_chunks: `(head, first chunk, last chunk + 1)` of each head with a middle-value row, in row order (host
             ints, so writing the stores needs no device-to-host read).
         chunk: largest power of two (<= 64) dividing every head's kept count.
@@ -41,7 +40,6 @@ class ChannelLayout:
     channel_table: torch.Tensor
     offsets_table: torch.Tensor
     value_rows_table: torch.Tensor
-    kept_counts: tuple[int, ...]
     head_chunks: tuple[tuple[int, int, int], ...]
     chunk: int
     max_kept: int
@@ -68,15 +66,10 @@ class ChannelLayout:
             channel_table=_padded_rows(channels.split(counts), max_kept).to(device),
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
             value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
-            kept_counts=tuple(counts),
             head_chunks=tuple((h, offsets[h] // chunk, offsets[h + 1] // chunk) for h in value_heads),
             chunk=chunk,
             max_kept=max_kept,
         )
-
-    @property
-    def num_heads(self) -> int:
-        return self.offsets_table.shape[0] - 1
 
     @property
     def packed_channels(self) -> int:
