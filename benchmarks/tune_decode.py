@@ -1,10 +1,10 @@
 """Sweep the decode kernel's launch parameters (`DecodeTuning`) per shape; what its defaults were chosen from.
 
 GPU time of one layer's decode step replayed from a CUDA graph, averaged over a few layers' masks of the paper's
-Llama-3.1-8B mask (sink 64 / recent 256), for every combination of programs per multiprocessor, tile size, warps,
-pipeline stages and split sizes. `--kept 32,128` adds masks where every head keeps that many channels: how
-fast the kernel streams bytes when no head differs from another. Prints the best tunings per shape with their
-bandwidth next to the defaults' and SDPA, and writes every row to a CSV.
+Llama-3.1-8B mask (sink 64 / recent 256), for every combination of tile size, warps, pipeline stages, split sizes and
+how many waves of programs the split count may fill. `--kept 32,128` adds masks where every head keeps that many
+channels: how fast the kernel streams bytes when no head differs from another. Prints the best tunings per shape with
+their bandwidth next to the defaults' and SDPA, and writes every row to a CSV.
 
     python benchmarks/tune_decode.py --shapes 1x32768,8x32768 --csv tune.csv
 """
@@ -43,11 +43,12 @@ def main() -> None:
     parser.add_argument("--kept", default="paper", help="'paper' and/or uniform kept counts, e.g. paper,32,128")
     parser.add_argument("--shapes", default="1x32768,1x131072,8x32768,32x8192", help="BATCHxCONTEXT,...")
     parser.add_argument("--layers", default="0,15,30", help="paper-mask layers to average over")
-    parser.add_argument("--programs-per-sm", default="1,2,4,8")
     parser.add_argument("--block-n", default="32,64,128")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3,4")
     parser.add_argument("--min-split-tokens", default="256")
+    parser.add_argument("--full-split-tokens", default="128,384")
+    parser.add_argument("--max-waves", default="1,2,4")
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--csv")
     args = parser.parse_args()
@@ -55,10 +56,10 @@ def main() -> None:
     masks = LeanKMasks.from_pretrained(args.masks)
     scaling = HEAD_DIM**-0.5
     tunings = [
-        DecodeTuning(programs, block, warps, stages, min_split)
-        for programs, block, warps, stages, min_split in itertools.product(
-            ints(args.programs_per_sm), ints(args.block_n), ints(args.warps), ints(args.stages),
-            ints(args.min_split_tokens),
+        DecodeTuning(*values)
+        for values in itertools.product(
+            ints(args.block_n), ints(args.warps), ints(args.stages), ints(args.min_split_tokens),
+            ints(args.full_split_tokens), ints(args.max_waves),
         )
     ]  # fmt: skip
     rows = []

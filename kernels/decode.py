@@ -1,12 +1,13 @@
 """Triton decode kernel: one query token per row over a pruned LeanK cache, reading only the kept bytes.
 
-Split-KV (flash-decoding): program `(b * H + h, split)` handles KV head `h` of row `b` for `split_tokens` middle
-tokens, or (the last splits) a share of its full-width sink and window tokens. The query heads of a KV head (GQA) are
-the rows of one tile, so every K/V byte is loaded once per KV head. Middle keys come from the chunk-major store (see
-`ChannelLayout`) through one channel tile as wide as the layer's widest head: heads of any kept count share one
-launch, lanes past a head's count are masked in whole chunks (they fetch nothing), and a head that keeps nothing
-reads no middle K or V. Validity needs no per-token load: each row's real middle tokens are the slots from its
-`middle_start` on (a per-token flag read would be a synchronous byte load the loop pipeline cannot prefetch; it cost
+Split-KV (flash-decoding) on a one-dimensional grid: first the middle programs, each one a run of middle tokens of
+one (row, KV head) pair whose head keeps channels (fully pruned heads get none), then the full-width programs, each a
+share of one (row, KV head)'s sink and window tokens. The split count fills whole waves of the programs the GPU holds
+at once (`_middle_splits`). The query heads of a KV head (GQA) are the rows of one tile, so every K/V byte is loaded
+once per KV head. Middle keys come from the chunk-major store (see `ChannelLayout`) through one channel tile as wide
+as the layer's widest head: heads of any kept count share one launch and lanes past a head's count are masked in
+whole chunks (they fetch nothing). Validity needs no per-token load: each row's real middle tokens are the slots from
+its `middle_start` on (a per-token flag read would be a synchronous byte load the loop pipeline cannot prefetch; it cost
 ~15 % of bandwidth). Each split writes its output and log-sum-exp; `_merge_kernel` combines them.
 
 `benchmarks/decode_attention.py` times it against SDPA; `benchmarks/tune_decode.py` sweeps `DecodeTuning`;
@@ -16,6 +17,7 @@ reads no middle K or V. Validity needs no per-token load: each row's real middle
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -25,7 +27,6 @@ import triton.language as tl
 from .layout import PrunedKV
 
 _LOG2E = 1.4426950408889634
-_FULL_SPLIT_LEN = 128  # full-width (sink + window) tokens per program
 _MERGE_BLOCK = 64  # splits merged per step of the final reduction (batch 1 at 32K: one step)
 
 
@@ -33,23 +34,24 @@ class DecodeTuning(NamedTuple):
     """Launch parameters of the decode kernel (`benchmarks/tune_decode.py` sweeps them).
 
     Attributes:
-        programs_per_sm: middle-token programs per multiprocessor to aim at: tokens per split is the smallest power of
-            two (>= `min_split_tokens`) that keeps the grid within this many (fewer: less to merge; more: a shorter
-            last wave).
         block_n: tokens per tile of the inner loop.
         num_warps: warps per program.
         num_stages: software-pipelining depth of the token loop.
         min_split_tokens: fewest middle tokens per split.
+        full_split_tokens: full-width (sink + window) tokens per program.
+        max_waves: most waves of middle programs to consider. The split count is the one that best fills whole waves
+            (all the programs the GPU holds at once), fewest waves first; see `_middle_splits`.
 
-    The defaults were within about 3 % of the fastest tuning at every shape `benchmarks/tune_decode.py` swept on an
+    The defaults were the fastest or within about 2 % of it at every shape `benchmarks/tune_decode.py` swept on an
     H100 (batch 1-32, 8K-128K tokens, Llama-3.1-8B geometry and masks; BENCHMARKS.md), so no autotuning runs.
     """
 
-    programs_per_sm: float = 4.0
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     min_split_tokens: int = 256
+    full_split_tokens: int = 128
+    max_waves: int = 4
 
 
 @triton.jit
@@ -114,8 +116,8 @@ def _full_width_tiles(
 # Measured before this: Llama-3.1-8B config, 32K context, batch 4 decoded at 0.70x DynamicCache; after it, 1.94x.
 @triton.jit(
     do_not_specialize=[
-        "sink_slots", "middle_len", "window_len", "split_tokens", "middle_splits", "stride_wvalb", "stride_ob",
-        "stride_oh", "stride_lb", "stride_lh",
+        "batch", "num_rows", "sink_slots", "middle_len", "window_len", "split_tokens", "middle_splits",
+        "full_split_tokens", "stride_wvalb", "stride_ob", "stride_oh", "stride_lb", "stride_lh",
     ]
 )  # fmt: skip
 def _leank_decode_kernel(
@@ -125,44 +127,51 @@ def _leank_decode_kernel(
     MidV, stride_mvb, stride_mvh, stride_mvn,
     MidStart, middle_len,
     WinK, WinV, WinValid, stride_wb, stride_wh, stride_wn, stride_wvalb, window_len,
-    ChannelTable, HeadOffsets, ValueRows,
+    RowHeads, RowOffsets, ChannelTable, num_rows,
     OutPart, LsePart, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    qk_scale, split_tokens, middle_splits,
+    qk_scale, batch, split_tokens, middle_splits, full_split_tokens,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr, KMAX: tl.constexpr, FULL_SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, KMAX: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // NUM_KV_HEADS
-    h = pid_bh % NUM_KV_HEADS
+    pid = tl.program_id(0)
     offs_g = tl.arange(0, GROUP_PAD)
     g_mask = offs_g < GROUP
-    heads = h * GROUP + offs_g
     offs_d = tl.arange(0, D)
-    q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
-
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
 
-    if split < middle_splits:
-        head_start = tl.multiple_of(tl.load(HeadOffsets + h), CHUNK)
-        kept = tl.load(HeadOffsets + h + 1) - head_start
-        if kept > 0:
-            k_base = MidK + b * stride_mkb
-            v_base = MidV + b * stride_mvb + tl.load(ValueRows + h) * stride_mvh + offs_d[None, :]
-            row_start = tl.load(MidStart + b)
-            first = tl.maximum(split * split_tokens, row_start // BLOCK_N * BLOCK_N)  # skip tiles with no real token
-            last = tl.minimum(split * split_tokens + split_tokens, middle_len)
-            m_i, l_i, acc = _middle_tiles(
-                q_rows, g_mask, ChannelTable + h * KMAX, head_start, kept, k_base, v_base, stride_mkc, stride_mvn,
-                row_start, first, last, m_i, l_i, acc, qk_scale, CHUNK, KMAX, BLOCK_N,
-            )  # fmt: skip
+    middle_rows = batch * num_rows
+    if pid < middle_rows * middle_splits:
+        # Middle programs exist only for heads that keep channels (value rows), split-major.
+        split = pid // middle_rows
+        b = pid % middle_rows // num_rows
+        row = pid % num_rows
+        h = tl.load(RowHeads + row)
+        head_start = tl.multiple_of(tl.load(RowOffsets + row), CHUNK)
+        kept = tl.load(RowOffsets + row + 1) - head_start
+        row_start = tl.load(MidStart + b)
+        heads = h * GROUP + offs_g
+        q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
+        first = tl.maximum(split * split_tokens, row_start // BLOCK_N * BLOCK_N)  # skip tiles with no real token
+        last = tl.minimum(split * split_tokens + split_tokens, middle_len)
+        m_i, l_i, acc = _middle_tiles(
+            q_rows, g_mask, ChannelTable + row * KMAX, head_start, kept, MidK + b * stride_mkb,
+            MidV + b * stride_mvb + row * stride_mvh + offs_d[None, :], stride_mkc, stride_mvn, row_start, first, last,
+            m_i, l_i, acc, qk_scale, CHUNK, KMAX, BLOCK_N,
+        )  # fmt: skip
     else:
-        # The remaining splits share the full-width tokens: the sink, then the window (ending with this step's token),
-        # `FULL_SPLIT_LEN` tokens of their concatenation each.
-        lo = (split - middle_splits) * FULL_SPLIT_LEN
-        hi = lo + FULL_SPLIT_LEN
+        # The remaining programs share every head's full-width tokens: the sink, then the window (ending with this
+        # step's token), `full_split_tokens` tokens of their concatenation each.
+        full = pid - middle_rows * middle_splits
+        full_split = full // (batch * NUM_KV_HEADS)
+        b = full % (batch * NUM_KV_HEADS) // NUM_KV_HEADS
+        h = full % NUM_KV_HEADS
+        split = middle_splits + full_split
+        heads = h * GROUP + offs_g
+        q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
+        lo = full_split * full_split_tokens
+        hi = lo + full_split_tokens
         q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)  # [G, D]
         sink_len = tl.load(SinkLen + b)
         sink_offset = b * stride_sb + h * stride_sh
@@ -185,21 +194,25 @@ def _leank_decode_kernel(
     tl.store(LsePart + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["num_splits", "middle_splits", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
 def _merge_kernel(
-    OutPart, LsePart, Out, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh, num_splits,
-    NUM_Q_HEADS: tl.constexpr, D: tl.constexpr, MERGE_BLOCK: tl.constexpr,
+    OutPart, LsePart, Out, HeadOffsets, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh,
+    num_splits, middle_splits, NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    MERGE_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Merge the splits of one (row, query head) by their log-sum-exp; a head with no key at all outputs zeros."""
+    """Merge the splits of one (row, query head) by their log-sum-exp; a head with no key at all outputs zeros.
+    A head that keeps no channel had no middle programs: only its full-width splits were written."""
     b = tl.program_id(0) // NUM_Q_HEADS
     hq = tl.program_id(0) % NUM_Q_HEADS
     part_base = OutPart + b * stride_ob + hq * stride_oh
     lse_base = LsePart + b * stride_lb + hq * stride_lh
+    kept = tl.load(HeadOffsets + hq // GROUP + 1) - tl.load(HeadOffsets + hq // GROUP)
+    first = tl.where(kept > 0, 0, middle_splits)
     offs_d = tl.arange(0, D)
     m = tl.full([1], float("-inf"), dtype=tl.float32)
     total = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([D], dtype=tl.float32)
-    for start in range(0, num_splits, MERGE_BLOCK):
+    for start in range(first, num_splits, MERGE_BLOCK):
         offs_s = start + tl.arange(0, MERGE_BLOCK)
         in_range = offs_s < num_splits
         lse = tl.load(lse_base + offs_s, mask=in_range, other=float("-inf"))
@@ -230,18 +243,69 @@ def supports(query: torch.Tensor, cache: PrunedKV) -> bool:
     )
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints (`triton.cdiv` costs a few microseconds per call here, on every layer's step)."""
+    return -(-a // b)
+
+
+_SLOTS: dict[tuple, int] = {}
+
+
+def _slots(launch_args: Callable[..., tuple], constants: dict, query: torch.Tensor) -> int:
+    """Programs the GPU holds at once: resident programs per multiprocessor times multiprocessors. Compiles the
+    kernel (on placeholder partial buffers) once per set of constants, so once per layer width: lengths are not
+    among them."""
+    device = query.device
+    key = (device, *constants.values())
+    if key not in _SLOTS:
+        kernel = None
+        if device.type == "cuda":
+            out_part = query.new_empty(query.shape, dtype=torch.float32)
+            args = launch_args(out_part, out_part[..., 0], 1, 1)
+            kernel = _leank_decode_kernel.warmup(*args, grid=(1,), **constants)
+        _SLOTS[key] = _resident_programs(kernel, device) * _multiprocessors(device)
+    return _SLOTS[key]
+
+
+def _resident_programs(kernel, device: torch.device) -> int:
+    """How many programs of a compiled kernel one multiprocessor holds at once, by registers and shared memory (as
+    Triton's fused-softmax tutorial computes it)."""
+    if device.type != "cuda":
+        return 1
+    kernel._init_handles()
+    properties = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    threads = kernel.metadata.num_warps * properties.get("warpSize", 32)
+    by_registers = properties["max_num_regs"] // max(1, kernel.n_regs * threads)
+    by_shared_memory = properties["max_shared_mem"] // max(1, kernel.metadata.shared)
+    return max(1, min(by_registers, by_shared_memory))
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _split_tokens(tuning: DecodeTuning, batch_heads: int, middle_len: int, device: torch.device) -> int:
-    """Middle tokens per split: a power of two, so the grid keeps few distinct shapes as the cache grows."""
-    budget = tuning.programs_per_sm * _multiprocessors(device)
-    split_tokens = triton.next_power_of_2(max(tuning.min_split_tokens, tuning.block_n))
-    while split_tokens < middle_len and batch_heads * triton.cdiv(middle_len, split_tokens) > budget:
-        split_tokens *= 2
-    return split_tokens
+def _middle_splits(tuning: DecodeTuning, middle_rows: int, middle_len: int, slots: int) -> tuple[int, int]:
+    """(tokens per split, splits) of the middle tokens of `middle_rows` (row, head that keeps channels) pairs.
+
+    The GPU holds `slots` programs at once. A grid that ends with a partly filled wave leaves most multiprocessors
+    waiting on the few programs left: on an H100, 4 programs per multiprocessor where 3 fit was 14-18 % slower than
+    exactly 3. So the split count is the one whose programs best fill whole waves, and the fewest waves among those
+    within 2 % of the best fill (fewer, longer programs start and merge less).
+    """
+    if middle_rows == 0 or middle_len == 0:
+        return tuning.block_n, 0
+    most = max(1, middle_len // tuning.min_split_tokens)
+    splits, best_fill = 1, 0.0
+    for waves in range(1, tuning.max_waves + 1):
+        candidate = max(1, min(most, waves * slots // middle_rows))
+        programs = middle_rows * candidate
+        fill = programs / (_cdiv(programs, slots) * slots)
+        if fill > best_fill + 0.02:
+            splits, best_fill = candidate, fill
+    # Whole multiples of 16 tokens (not of `block_n`, which could drop a split and leave a wave partly empty).
+    split_tokens = _cdiv(_cdiv(middle_len, splits), 16) * 16
+    return split_tokens, _cdiv(middle_len, split_tokens)
 
 
 def leank_decode_triton(
@@ -269,40 +333,48 @@ def leank_decode_triton(
     num_heads = cache.recent_keys.shape[1]
     middle_len = cache.middle_len
     tuning = tuning or DecodeTuning()
-    split_tokens = _split_tokens(tuning, batch * num_heads, middle_len, query.device)
-    middle_splits = triton.cdiv(middle_len, split_tokens)
-    splits = middle_splits + triton.cdiv(cache.sink_keys.shape[2] + cache.recent_keys.shape[2], _FULL_SPLIT_LEN)
-
-    q = query[:, :, 0]
-    out_part = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
-    lse_part = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=query.device)
+    num_rows = len(layout.head_chunks)
     mid_k, mid_v, win_k, win_v = cache.middle_keys, cache.middle_values, cache.recent_keys, cache.recent_values
     sink_k, sink_v = cache.sink_keys, cache.sink_values
     if sink_k.stride() != sink_v.stride() or win_k.stride() != win_v.stride():
         raise ValueError("sink (and window) keys and values must share one layout")
     if mid_k.stride(3) != 1 or mid_k.stride(2) != layout.chunk:
         raise ValueError("the middle-key store must be chunk-major with contiguous chunks (see ChannelLayout)")
-    _leank_decode_kernel[(batch * num_heads, splits)](
-        q, q.stride(0), q.stride(1),
-        sink_k, sink_v, cache.sink_lengths, sink_k.stride(0), sink_k.stride(1), sink_k.stride(2), sink_k.shape[2],
-        mid_k, mid_k.stride(0), mid_k.stride(1),
-        mid_v, mid_v.stride(0), mid_v.stride(1), mid_v.stride(2),
-        cache.middle_start, middle_len,
-        win_k, win_v, cache.recent_valid, win_k.stride(0), win_k.stride(1), win_k.stride(2),
-        cache.recent_valid.stride(0), win_k.shape[2],
-        layout.channel_table, layout.offsets_table, layout.value_rows_table,
-        out_part, lse_part, out_part.stride(0), out_part.stride(1), out_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
-        scaling * _LOG2E, split_tokens, middle_splits,
-        NUM_KV_HEADS=num_heads, GROUP=num_q_heads // num_heads,
-        GROUP_PAD=max(16, triton.next_power_of_2(num_q_heads // num_heads)), D=head_dim, CHUNK=layout.chunk,
-        KMAX=layout.max_kept, FULL_SPLIT_LEN=_FULL_SPLIT_LEN, BLOCK_N=tuning.block_n, num_warps=tuning.num_warps,
-        num_stages=tuning.num_stages,
-    )  # fmt: skip
+    full_splits = _cdiv(sink_k.shape[2] + win_k.shape[2], tuning.full_split_tokens)
+    q = query[:, :, 0]
+
+    def launch_args(out_part: torch.Tensor, lse_part: torch.Tensor, split_tokens: int, middle_splits: int) -> tuple:
+        return (
+            q, q.stride(0), q.stride(1),
+            sink_k, sink_v, cache.sink_lengths, sink_k.stride(0), sink_k.stride(1), sink_k.stride(2), sink_k.shape[2],
+            mid_k, mid_k.stride(0), mid_k.stride(1),
+            mid_v, mid_v.stride(0), mid_v.stride(1), mid_v.stride(2),
+            cache.middle_start, middle_len,
+            win_k, win_v, cache.recent_valid, win_k.stride(0), win_k.stride(1), win_k.stride(2),
+            cache.recent_valid.stride(0), win_k.shape[2],
+            layout.row_heads_table, layout.row_offsets_table, layout.channel_table, num_rows,
+            out_part, lse_part, out_part.stride(0), out_part.stride(1), out_part.stride(2),
+            lse_part.stride(0), lse_part.stride(1),
+            scaling * _LOG2E, batch, split_tokens, middle_splits, tuning.full_split_tokens,
+        )  # fmt: skip
+
+    constants = {
+        "NUM_KV_HEADS": num_heads, "GROUP": num_q_heads // num_heads,
+        "GROUP_PAD": max(16, 1 << (num_q_heads // num_heads - 1).bit_length()), "D": head_dim, "CHUNK": layout.chunk,
+        "KMAX": layout.max_kept, "BLOCK_N": tuning.block_n, "num_warps": tuning.num_warps,
+        "num_stages": tuning.num_stages,
+    }  # fmt: skip
+    slots = _slots(launch_args, constants, query)
+    split_tokens, middle_splits = _middle_splits(tuning, batch * num_rows, middle_len, slots)
+    splits = middle_splits + full_splits
+    out_part = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+    lse_part = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=query.device)
+    grid = (batch * num_rows * middle_splits + batch * num_heads * full_splits,)
+    _leank_decode_kernel[grid](*launch_args(out_part, lse_part, split_tokens, middle_splits), **constants)
     out = torch.empty(batch, num_q_heads, 1, head_dim, dtype=query.dtype, device=query.device)
     _merge_kernel[(batch * num_q_heads,)](
-        out_part, lse_part, out, out_part.stride(0), out_part.stride(1), out_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), splits,
-        NUM_Q_HEADS=num_q_heads, D=head_dim, MERGE_BLOCK=_MERGE_BLOCK,
+        out_part, lse_part, out, layout.offsets_table, out_part.stride(0), out_part.stride(1), out_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), splits, middle_splits,
+        NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // num_heads, D=head_dim, MERGE_BLOCK=_MERGE_BLOCK,
     )  # fmt: skip
     return out

@@ -24,9 +24,10 @@ class ChannelLayout:
         value_heads: `[Hv]` long, the heads that have a middle-value row, in row order.
         chunk_heads: `[C / chunk]` long, the head that owns each chunk.
         chunk_channels: `[C / chunk, chunk]` long, the channel (within its head) of each chunk's lanes.
-        channel_table: `[H, max_kept]` int32, each head's kept channels, zero-padded (the kernel's copy).
         offsets_table: `[H + 1]` int32; head `h` owns kept channels `[offsets_table[h], offsets_table[h + 1])`.
-        value_rows_table: `[H]` int32, each head's row in the middle-value store, or -1 for a head that keeps nothing.
+        row_heads_table: `[Hv]` int32, `value_heads` for the kernel: its middle programs exist only for these heads.
+        row_offsets_table: `[Hv + 1]` int32; value row `r` owns kept channels `[t[r], t[r + 1])`.
+        channel_table: `[Hv, max_kept]` int32, each value row's kept channels, zero-padded.
         head_chunks: `(head, first chunk, last chunk + 1)` of each head with a middle-value row, in row order (host
             ints, so writing the stores needs no device-to-host read).
         chunk: largest power of two (<= 64) dividing every head's kept count.
@@ -37,9 +38,10 @@ class ChannelLayout:
     value_heads: torch.Tensor
     chunk_heads: torch.Tensor
     chunk_channels: torch.Tensor
-    channel_table: torch.Tensor
     offsets_table: torch.Tensor
-    value_rows_table: torch.Tensor
+    row_heads_table: torch.Tensor
+    row_offsets_table: torch.Tensor
+    channel_table: torch.Tensor
     head_chunks: tuple[tuple[int, int, int], ...]
     chunk: int
     max_kept: int
@@ -56,16 +58,17 @@ class ChannelLayout:
         heads, channels = mask.nonzero(as_tuple=True)  # row-major: head 0's channels first
         offsets = [0, *itertools.accumulate(counts)]
         value_heads = [h for h in range(num_heads) if counts[h] > 0]
-        value_rows = [value_heads.index(h) if counts[h] > 0 else -1 for h in range(num_heads)]
         max_kept = max(16, 1 << (max(counts, default=1) - 1).bit_length())
+        row_offsets = [*(offsets[h] for h in value_heads), offsets[-1]]
         return cls(
             packed_index=(heads * head_dim + channels).to(device),
             value_heads=torch.tensor(value_heads, dtype=torch.long, device=device),
             chunk_heads=heads[::chunk].to(device),
             chunk_channels=channels.reshape(-1, chunk).to(device),
-            channel_table=_padded_rows(channels.split(counts), max_kept).to(device),
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
-            value_rows_table=torch.tensor(value_rows, dtype=torch.int32, device=device),
+            row_heads_table=torch.tensor(value_heads, dtype=torch.int32, device=device),
+            row_offsets_table=torch.tensor(row_offsets, dtype=torch.int32, device=device),
+            channel_table=_padded_rows([row for row in channels.split(counts) if len(row)], max_kept).to(device),
             head_chunks=tuple((h, offsets[h] // chunk, offsets[h + 1] // chunk) for h in value_heads),
             chunk=chunk,
             max_kept=max_kept,
@@ -102,7 +105,7 @@ class ChannelLayout:
             value_store[:, row] = values[:, head]
 
 
-def _padded_rows(rows: tuple[torch.Tensor, ...], width: int) -> torch.Tensor:
+def _padded_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     """`[len(rows), width]` int32 with each row's values first, then zeros."""
     table = torch.zeros(len(rows), width, dtype=torch.int32)
     for index, row in enumerate(rows):

@@ -106,10 +106,11 @@ def test_kernel_matches_reference(batch, hq, h, d, align, sink, middle, window, 
 
 
 TUNINGS = [
-    pytest.param(DecodeTuning(64, block_n=16, min_split_tokens=16), id="many-small-splits"),
-    pytest.param(DecodeTuning(64, block_n=16, num_stages=3, min_split_tokens=32), id="three-stages"),
-    pytest.param(DecodeTuning(2, block_n=32, num_warps=8, num_stages=2, min_split_tokens=64), id="block32-8warps"),
-    pytest.param(DecodeTuning(0.1, block_n=64), id="one-split-per-head"),
+    pytest.param(DecodeTuning(block_n=16, min_split_tokens=16, max_waves=64), id="many-small-splits"),
+    pytest.param(DecodeTuning(block_n=16, num_stages=3, min_split_tokens=32, max_waves=8), id="three-stages"),
+    pytest.param(DecodeTuning(block_n=32, num_warps=8, min_split_tokens=48), id="block32-8warps-uneven-splits"),
+    pytest.param(DecodeTuning(block_n=64, max_waves=1, min_split_tokens=1024), id="one-split-per-head"),
+    pytest.param(DecodeTuning(block_n=16, full_split_tokens=48), id="full-width-splits-of-48"),
 ]
 
 
@@ -200,3 +201,33 @@ def test_growing_lengths_never_recompile():
         cache = random_cache(2, 2, 64, 16, 4, 1000 + 7 * step, 257 + step, torch.float16, seed=0)
         leank_decode_triton(query, cache, 0.125)
     assert compiled() == before
+
+
+@pytest.mark.parametrize(
+    ("rows", "middle_len", "slots"),
+    [(52, 32000, 396), (208, 7871, 396), (7, 130000, 396), (3, 100, 8), (500, 4000, 396), (1, 70, 4)],
+)
+def test_middle_splits_cover_the_tokens_and_fill_whole_waves(rows, middle_len, slots):
+    from leank_hf.kernels.decode import _middle_splits
+
+    tuning = DecodeTuning(block_n=64, min_split_tokens=256, max_waves=4)
+    split_tokens, splits = _middle_splits(tuning, rows, middle_len, slots)
+    assert split_tokens % 16 == 0
+    assert (splits - 1) * split_tokens < middle_len <= splits * split_tokens  # every token, no empty split
+
+    def fill(count: int) -> float:  # share of the slots of the waves used that hold a program
+        programs = rows * count
+        return programs / (-(-programs // slots) * slots)
+
+    allowed = range(1, max(1, min(middle_len // 256, 4 * slots // rows)) + 1)  # brute force over every count
+    assert splits in allowed
+    assert fill(splits) >= max(fill(count) for count in allowed) - 0.02
+
+
+def test_middle_splits_at_batch_8_on_an_h100():
+    """8 rows x 6.5 heads keeping channels, 3 x 132 programs held at once: 15 splits fill two waves to 98.5 %."""
+    from leank_hf.kernels.decode import _middle_splits
+
+    assert _middle_splits(DecodeTuning(), 52, 32000, 396) == (2144, 15)
+    assert _middle_splits(DecodeTuning(), 0, 32000, 396)[1] == 0
+    assert _middle_splits(DecodeTuning(), 52, 0, 396)[1] == 0
