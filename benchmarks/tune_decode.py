@@ -18,7 +18,7 @@ import statistics
 
 import torch
 import triton
-from decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS, bench_sdpa, graph_median_ms, pruned_cache
+from decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS, L2Flush, bench_sdpa, graph_median_ms, pruned_cache
 from leank_hf.kernels.decode import DecodeTuning, leank_decode_triton
 
 from leank_hf import LeanKMasks
@@ -55,6 +55,7 @@ def main() -> None:
 
     masks = LeanKMasks.from_pretrained(args.masks)
     scaling = HEAD_DIM**-0.5
+    flush = L2Flush(torch.device("cuda"))
     tunings = [
         DecodeTuning(*values)
         for values in itertools.product(
@@ -66,7 +67,8 @@ def main() -> None:
     for kept, shape in itertools.product(args.kept.split(","), args.shapes.split(",")):
         batch, context = ints(shape.replace("x", ","))
         query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        _, sdpa_ms, sdpa_bytes = bench_sdpa(query, context, scaling)
+        sdpa = bench_sdpa(query, context, scaling, flush)
+        sdpa_ms, sdpa_bytes = sdpa["ms"], sdpa["bytes"]
         built = [pruned_cache(mask, batch, context, 64, 256) for mask in layer_masks(kept, masks, ints(args.layers))]
         leank_bytes = statistics.fmean(nbytes for _, nbytes in built)
         picked = DecodeTuning()
@@ -76,7 +78,9 @@ def main() -> None:
                 continue
             try:
                 timed[tuning] = statistics.fmean(
-                    graph_median_ms(lambda q=query, c=cache, t=tuning: leank_decode_triton(q, c, scaling, t), 5, 25)
+                    graph_median_ms(
+                        lambda q=query, c=cache, t=tuning: leank_decode_triton(q, c, scaling, t), flush.clean, reps=25
+                    )
                     for cache, _ in built
                 )
             except triton.runtime.errors.OutOfResources as error:

@@ -122,6 +122,22 @@ def test_every_tuning_gives_the_same_attention(tuning):
     assert_close(leank_decode_triton(query, cache, 0.1, tuning), reference(query, cache, 0.1), dtype)
 
 
+@pytest.mark.parametrize("min_split_tokens", [256, 48, 16], ids=["splits-le-16", "splits-le-32", "splits-over-64"])
+def test_merge_tiles_of_every_split_count_bucket(min_split_tokens):
+    """Up to 16, up to 32 and over 64 splits (two merge steps of 64), head_dim 128 cut into channel tiles."""
+    from leank_hf.kernels.decode import _merge_tile
+
+    dtype = DTYPES[-1]
+    cache = random_cache(1, 2, 128, 16, 4, 1200, 40, dtype, seed=min_split_tokens, prune_head=1)
+    query = torch.randn(1, 4, 1, 128, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    tuning = DecodeTuning(block_n=16, min_split_tokens=min_split_tokens, max_waves=256)
+    assert_close(leank_decode_triton(query, cache, 0.1, tuning), reference(query, cache, 0.1), dtype)
+    assert [_merge_tile(splits, 128) for splits in (1, 16, 17, 32, 33, 76)] == [(16, 64)] * 2 + [(32, 32)] * 2 + [
+        (64, 32)
+    ] * 2
+    assert _merge_tile(5, 16) == (16, 16), "a channel tile never wider than the head"
+
+
 def test_heads_keeping_none_few_and_all_channels_share_one_launch():
     """Kept counts 0, 16, 32 and 128 of 128 in one layer: one tile width, lanes masked per head."""
     dtype = DTYPES[-1]
@@ -184,6 +200,23 @@ def test_supports_only_what_the_kernel_handles():
     eight_channels[0, :8] = True  # tiles of 8 channels are below tl.dot's minimum of 16
     assert not supports(query, cache._replace(layout=ChannelLayout.from_mask(eight_channels)))
     assert not supports(query, cache._replace(middle_start=None)), "real middle tokens not contiguous"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+def test_replayed_cuda_graph_matches_reference():
+    """Captured once, replayed on new data written in place; on Hopper the graph holds the merge's dependent
+    launch."""
+    cache = random_cache(4, 8, 128, 32, 64, 5000, 300, torch.bfloat16, seed=31)
+    query = torch.randn(4, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    leank_decode_triton(query, cache, 128**-0.5)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = leank_decode_triton(query, cache, 128**-0.5)
+    for _ in range(3):
+        for tensor in (query, *filter(_is_float, cache)):
+            tensor.normal_()
+        graph.replay()
+        assert_close(out, reference(query, cache, 128**-0.5), torch.bfloat16)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compilation happens only with the compiled kernel")
