@@ -14,6 +14,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+# Curve label -> CSV column of `benchmarks/decode_attention.py`, and its line style.
+TIMINGS = {
+    "CUDA graph, clean L2": "speedup",
+    "CUDA graph, dirty L2 (do_bench's flush)": "dirty_speedup",
+    "eager launch": "eager_speedup",
+}
+STYLES = dict(zip(TIMINGS, ["-o", "-.s", "--x"], strict=True))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,13 +38,13 @@ def main() -> None:
                 if f"{row['sink']}/{row['recent']}" != args.window:
                     continue
                 batch, context = int(row["batch"]), int(row["context"])
-                series[(batch, "CUDA graph (GPU time)")][context] = float(row["graph_speedup"])
-                series[(batch, "eager launch")][context] = float(row["speedup"])
+                for timing, column in TIMINGS.items():
+                    series[(batch, timing)][context] = float(row[column])
                 floor[batch][context] = float(row["floor_ratio"])
     fig, ax = plt.subplots(figsize=(8, 5))
     for (batch, timing), points in sorted(series.items()):
         xs = sorted(points)
-        style = "-o" if timing.startswith("CUDA") else "--x"
+        style = STYLES[timing]
         ax.plot(xs, [points[x] for x in xs], style, label=f"batch {batch}, {timing}")
     for batch, points in sorted(floor.items()):
         xs = sorted(points)
