@@ -42,13 +42,14 @@ def main() -> None:
                     series[(batch, timing)][context] = float(row[column])
                 floor[batch][context] = float(row["floor_ratio"])
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {batch: f"C{index}" for index, batch in enumerate(sorted(floor))}  # one color per batch
     for (batch, timing), points in sorted(series.items()):
         xs = sorted(points)
         style = STYLES[timing]
-        ax.plot(xs, [points[x] for x in xs], style, label=f"batch {batch}, {timing}")
+        ax.plot(xs, [points[x] for x in xs], style, color=colors[batch], label=f"batch {batch}, {timing}")
     for batch, points in sorted(floor.items()):
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], ":", color="grey", label=f"byte floor, batch {batch}")
+        ax.plot(xs, [points[x] for x in xs], ":", color=colors[batch], alpha=0.5, label=f"byte floor, batch {batch}")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set(xscale="log", xlabel="context tokens per row", ylabel="speedup over SDPA (x)",
            title=f"LeanK decode attention vs SDPA, Llama-3.1-8B layer, H100, sink/recent {args.window}")  # fmt: skip
