@@ -4,7 +4,7 @@ Llama-3.1-8B geometry (32 q heads, 8 KV heads, head_dim 128), bf16, random data,
 every layer in turn (`--masks`, default the shipped `llama-3.1-8b-instruct`). SDPA runs with each backend that takes
 the call (cuDNN, flash, memory-efficient) and the fastest one is the baseline. For each (batch, context) it prints
 median GPU times from CUDA events around replays of a CUDA graph, the L2 emptied before each replay by reading a
-256 MB buffer (`--flush`), the speedup, the bytes each side must read (the floor ratio is dense bytes / LeanK bytes)
+256 MB buffer (`L2Flush`), the speedup, the bytes each side must read (the floor ratio is dense bytes / LeanK bytes)
 and the achieved bandwidth against a measured device-to-device copy. Two more columns: eager calls timed by
 `triton.testing.do_bench` (Python launch costs included), and the speedup when the L2 is emptied by writing the buffer
 instead (do_bench's way), which leaves dirty lines whose write-back lands in the timed call.
@@ -135,6 +135,8 @@ def bench_sdpa(query: torch.Tensor, context: int, scaling: float, flush: L2Flush
         if best is None or ms < best["ms"]:
             best = {"backend": backend.name.lower(), "ms": ms, "dirty_ms": graph_median_ms(attend, flush.dirty),
                     "eager_ms": median_ms(attend)}  # fmt: skip
+    if best is None:
+        raise RuntimeError(f"no SDPA backend takes a bf16 GQA decode call of shape {tuple(query.shape)} on this GPU")
     return {**best, "bytes": 2 * keys.numel() * keys.element_size()}
 
 

@@ -131,10 +131,12 @@ def main() -> None:
                              "search uses the first")  # fmt: skip
     args = parser.parse_args()
 
+    backends = tuple(args.sdpa_backends.split(","))
+    for name in backends:  # a misspelt backend fails here, not after the model is built and warmed up
+        sdpa_backend(name)
     model = build_model()
     masks = LeanKMasks.from_pretrained(args.masks)
     kinds = tuple(args.caches.split(","))
-    backends = tuple(args.sdpa_backends.split(","))
     setups = [(kind, sdpa) for kind in kinds for sdpa in backends]
     for kind, sdpa in setups:  # warm-up: compilation stays out of the numbers
         run(model, masks, kind, 2, 1024, 8, sdpa=sdpa)
