@@ -25,11 +25,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import triton
-from leank_hf.kernels import ChannelLayout, PrunedKV
-from leank_hf.kernels.decode import leank_decode_triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from leank_hf import LeanKMasks
+from leank_hf.kernels import ChannelLayout, PrunedKV
+from leank_hf.kernels.decode import leank_decode_triton
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 

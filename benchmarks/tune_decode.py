@@ -19,9 +19,9 @@ import statistics
 import torch
 import triton
 from decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS, L2Flush, bench_sdpa, graph_median_ms, pruned_cache
-from leank_hf.kernels.decode import DecodeTuning, leank_decode_triton
 
 from leank_hf import LeanKMasks
+from leank_hf.kernels.decode import DecodeTuning, leank_decode_triton
 
 
 def ints(text: str) -> list[int]:

@@ -18,14 +18,14 @@ as a programmatic dependent so that it starts while the last splits run.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 
-from .layout import PrunedKV
+from .layout import ChannelLayout, PrunedKV
 
 _LOG2E = 1.4426950408889634
 
@@ -244,13 +244,14 @@ def _merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
 
 
 def supports(query: torch.Tensor, cache: PrunedKV) -> bool:
-    """Whether `leank_decode_triton` handles this step: one bf16/fp16 query token per row, power-of-two head_dim >= 16,
-    kept counts in multiples of at least 16 channels (the smallest `tl.dot` operand), and each row's real middle
-    tokens contiguous (`cache.middle_start` given)."""
+    """Whether the Triton kernel handles this step: one bf16/fp16 query token per row with contiguous channels,
+    power-of-two head_dim >= 16, kept counts in multiples of at least 16 channels (the smallest `tl.dot` operand), and
+    each row's real middle tokens contiguous (`cache.middle_start` given)."""
     head_dim = query.shape[-1]
     return (
         query.shape[2] == 1
         and query.dtype in (torch.bfloat16, torch.float16)
+        and query.stride(-1) == 1
         and head_dim >= 16
         and head_dim & (head_dim - 1) == 0
         and cache.layout.chunk >= 16
@@ -266,18 +267,20 @@ def _cdiv(a: int, b: int) -> int:
 _SLOTS: dict[tuple, int] = {}
 
 
-def _slots(launch_args: Callable[..., tuple], constants: dict, query: torch.Tensor) -> int:
+def _slots(
+    constexprs: dict, options: dict, query: torch.Tensor, cache: PrunedKV, strides: tuple, tuning: DecodeTuning
+) -> int:
     """Programs the GPU holds at once: resident programs per multiprocessor times multiprocessors. Compiles the
     kernel (on placeholder partial buffers) once per set of constants, so once per layer width: lengths are not
     among them."""
     device = query.device
-    key = (device, *constants.values())
+    key = (device, *constexprs.values(), *options.values())
     if key not in _SLOTS:
         kernel = None
         if device.type == "cuda":
-            out_part = query.new_empty(query.shape, dtype=torch.float32)
-            args = launch_args(out_part, out_part[..., 0], 1, 1)
-            kernel = _leank_decode_kernel.warmup(*args, grid=(1,), **constants)
+            out_part = query.new_empty(query.shape, dtype=torch.float32)  # one split
+            args = _split_args(query, cache, strides, out_part, out_part[..., 0], 1.0, 1, 1, tuning)
+            kernel = _leank_decode_kernel.warmup(*args, grid=(1,), **constexprs, **options)
         _SLOTS[key] = _resident_programs(kernel, device) * _multiprocessors(device)
     return _SLOTS[key]
 
@@ -343,64 +346,170 @@ def leank_decode_triton(
 
     Returns:
         `[B, Hq, 1, D]` in the query dtype (fp32 accumulation).
+
+    Each call sets the launch up from scratch; a layer decoding step after step keeps a `LeanKDecoder` instead.
     """
+    return LeanKDecoder(tuning)(query, cache, scaling)
+
+
+class LeanKDecoder:
+    """`leank_decode_triton` for one layer, step after step, with its host-side set-up paid once instead of per step.
+
+    Eager decoding launches every kernel of every layer from the host in turn, so host time per layer adds to the
+    time per token. Set up from scratch, a decode call took ~150 us of host time on the lent H100 machine against
+    ~25 us for SDPA; about half went to Triton binding and specialising 43 + 13 arguments, the rest to strides, the
+    split plan and checks. A decoder keeps the launch constants, the split plan (it changes only when the middle
+    grows, every `block_size` steps) and the compiled kernels. Each call reads what Triton specialises a compiled
+    kernel on (dtypes, strides, pointer alignment, the layout) and, while that matches the last call's, launches the
+    compiled kernels directly, without Triton's per-call binding, specialisation and cache lookup; otherwise it checks
+    the inputs again and launches through Triton's JIT.
+
+    Args:
+        tuning: launch parameters; `DecodeTuning()` when None.
+    """
+
+    def __init__(self, tuning: DecodeTuning | None = None) -> None:
+        self.tuning = tuning or DecodeTuning()
+        self._signature: tuple | None = None
+        self._layout: ChannelLayout | None = None  # held, so that its id in `_signature` cannot be reused
+        self._constexprs: dict[str, int | bool] = {}
+        self._options: dict[str, int | bool] = {}
+        self._slots = 1
+        self._split_plan: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))  # (rows, len) -> plan
+        self._split_kernel: CompiledKernel | None = None
+        self._merge_kernels: dict[tuple[int, int], CompiledKernel | None] = {}
+
+    def __call__(self, query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
+        """`leank_decode_triton(query, cache, scaling, self.tuning)`."""
+        if cache.middle_start is None:
+            _check(query, cache)  # raises; the signature below reads every tensor
+        tensors = (
+            query, cache.sink_keys, cache.sink_values, cache.sink_lengths, cache.middle_keys, cache.middle_values,
+            cache.middle_start, cache.recent_keys, cache.recent_values, cache.recent_valid,
+        )  # fmt: skip
+        strides = tuple(tensor.stride() for tensor in tensors)
+        device = torch.cuda.current_device() if query.is_cuda else -1  # where Triton launches, as its JIT does
+        signature = (
+            id(cache.layout), query.shape, device, strides,
+            tuple((tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in tensors),
+        )  # fmt: skip
+        if signature != self._signature:
+            self._set_up(query, cache, strides)
+            self._signature = signature
+
+        batch, num_q_heads, _, head_dim = query.shape
+        layout = cache.layout
+        num_rows = layout.value_rows
+        split_tokens, middle_splits = self._middle_splits(batch * num_rows, cache.middle_len)
+        full_splits = _cdiv(cache.sink_keys.shape[2] + cache.recent_keys.shape[2], self.tuning.full_split_tokens)
+        splits = middle_splits + full_splits
+        out_part = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+        lse_part = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=query.device)
+        grid = (batch * num_rows * middle_splits + batch * cache.recent_keys.shape[1] * full_splits,)
+        args = _split_args(query, cache, strides, out_part, lse_part, scaling, split_tokens, middle_splits, self.tuning)
+        stream = triton.runtime.driver.active.get_current_stream(device) if self._split_kernel else None
+        self._split_kernel = _launch(
+            _leank_decode_kernel, self._split_kernel, grid, args, self._constexprs, self._options, stream
+        )
+
+        out = torch.empty(batch, num_q_heads, 1, head_dim, dtype=query.dtype, device=query.device)
+        tile = _merge_tile(splits, head_dim)
+        merge_args = (
+            out_part, lse_part, out, layout.offsets_table, num_q_heads * splits * head_dim, splits * head_dim,
+            head_dim, num_q_heads * splits, splits, out.stride(0), out.stride(1), splits, middle_splits,
+        )  # fmt: skip
+        merge_constexprs = {
+            "NUM_Q_HEADS": num_q_heads, "GROUP": self._constexprs["GROUP"], "BLOCK_S": tile[0], "BLOCK_D": tile[1],
+            "WAIT_FOR_SPLITS": self._constexprs["LET_MERGE_START"],
+        }  # fmt: skip
+        merge_options = {"num_warps": 2, "launch_pdl": self._constexprs["LET_MERGE_START"]}
+        self._merge_kernels[tile] = _launch(
+            _merge_kernel, self._merge_kernels.get(tile), (batch * num_q_heads, head_dim // tile[1]), merge_args,
+            merge_constexprs, merge_options, stream,
+        )  # fmt: skip
+        return out
+
+    def _set_up(self, query: torch.Tensor, cache: PrunedKV, strides: tuple) -> None:
+        """Check the inputs and derive the launch constants; forget the compiled kernels (they may not fit)."""
+        _check(query, cache)
+        num_q_heads, head_dim = query.shape[1], query.shape[3]
+        num_heads = cache.recent_keys.shape[1]
+        dependent_launch = _dependent_launch(query.device)
+        self._layout = cache.layout
+        self._constexprs = {
+            "NUM_KV_HEADS": num_heads, "GROUP": num_q_heads // num_heads,
+            "GROUP_PAD": max(16, 1 << (num_q_heads // num_heads - 1).bit_length()), "D": head_dim,
+            "CHUNK": cache.layout.chunk, "KMAX": cache.layout.max_kept, "BLOCK_N": self.tuning.block_n,
+            "LET_MERGE_START": dependent_launch,
+        }  # fmt: skip
+        self._options = {"num_warps": self.tuning.num_warps, "num_stages": self.tuning.num_stages}
+        self._slots = _slots(self._constexprs, self._options, query, cache, strides, self.tuning)
+        self._split_plan = ((0, 0), (0, 0))
+        self._split_kernel = None
+        self._merge_kernels = {}
+
+    def _middle_splits(self, middle_rows: int, middle_len: int) -> tuple[int, int]:
+        """`_middle_splits` of the current lengths, recomputed only when they change."""
+        if self._split_plan[0] != (middle_rows, middle_len):
+            plan = _middle_splits(self.tuning, middle_rows, middle_len, self._slots)
+            self._split_plan = ((middle_rows, middle_len), plan)
+        return self._split_plan[1]
+
+
+def _check(query: torch.Tensor, cache: PrunedKV) -> None:
+    """Raise ValueError for inputs the kernel does not handle."""
     if not supports(query, cache):
         raise ValueError(
-            f"leank_decode_triton handles one bf16/fp16 query token per row with kept counts in multiples of 16 and "
-            f"contiguous real middle tokens; got query {tuple(query.shape)} {query.dtype}, channel tile "
-            f"{cache.layout.chunk}, middle_start {'None' if cache.middle_start is None else 'given'} (see `supports`)"
+            f"the LeanK decode kernel handles one bf16/fp16 query token per row (contiguous channels) with kept counts "
+            f"in multiples of 16 and contiguous real middle tokens; got query {tuple(query.shape)} {query.dtype} "
+            f"(channel stride {query.stride(-1)}), channel tile {cache.layout.chunk}, middle_start "
+            f"{'None' if cache.middle_start is None else 'given'} (see `supports`)"
         )
-    batch, num_q_heads, _, head_dim = query.shape
-    layout = cache.layout
-    num_heads = cache.recent_keys.shape[1]
-    middle_len = cache.middle_len
-    tuning = tuning or DecodeTuning()
-    num_rows = len(layout.head_chunks)
-    mid_k, mid_v, win_k, win_v = cache.middle_keys, cache.middle_values, cache.recent_keys, cache.recent_values
-    sink_k, sink_v = cache.sink_keys, cache.sink_values
-    if sink_k.stride() != sink_v.stride() or win_k.stride() != win_v.stride():
+    shared = (
+        cache.sink_keys.stride() == cache.sink_values.stride()
+        and cache.recent_keys.stride() == cache.recent_values.stride()
+    )
+    if not shared:
         raise ValueError("sink (and window) keys and values must share one layout")
-    if mid_k.stride(3) != 1 or mid_k.stride(2) != layout.chunk:
+    if cache.middle_keys.stride(3) != 1 or cache.middle_keys.stride(2) != cache.layout.chunk:
         raise ValueError("the middle-key store must be chunk-major with contiguous chunks (see ChannelLayout)")
-    full_splits = _cdiv(sink_k.shape[2] + win_k.shape[2], tuning.full_split_tokens)
-    q = query[:, :, 0]
 
-    def launch_args(out_part: torch.Tensor, lse_part: torch.Tensor, split_tokens: int, middle_splits: int) -> tuple:
-        return (
-            q, q.stride(0), q.stride(1),
-            sink_k, sink_v, cache.sink_lengths, sink_k.stride(0), sink_k.stride(1), sink_k.stride(2), sink_k.shape[2],
-            mid_k, mid_k.stride(0), mid_k.stride(1),
-            mid_v, mid_v.stride(0), mid_v.stride(1), mid_v.stride(2),
-            cache.middle_start, middle_len,
-            win_k, win_v, cache.recent_valid, win_k.stride(0), win_k.stride(1), win_k.stride(2),
-            cache.recent_valid.stride(0), win_k.shape[2],
-            layout.row_heads_table, layout.row_offsets_table, layout.channel_table, num_rows,
-            out_part, lse_part, out_part.stride(0), out_part.stride(1), out_part.stride(2),
-            lse_part.stride(0), lse_part.stride(1),
-            scaling * _LOG2E, batch, split_tokens, middle_splits, tuning.full_split_tokens,
-        )  # fmt: skip
 
-    constants = {
-        "NUM_KV_HEADS": num_heads, "GROUP": num_q_heads // num_heads,
-        "GROUP_PAD": max(16, 1 << (num_q_heads // num_heads - 1).bit_length()), "D": head_dim, "CHUNK": layout.chunk,
-        "KMAX": layout.max_kept, "BLOCK_N": tuning.block_n, "num_warps": tuning.num_warps,
-        "num_stages": tuning.num_stages,
-    }  # fmt: skip
-    dependent_launch = _dependent_launch(query.device)
-    constants["LET_MERGE_START"] = dependent_launch
-    slots = _slots(launch_args, constants, query)
-    split_tokens, middle_splits = _middle_splits(tuning, batch * num_rows, middle_len, slots)
-    splits = middle_splits + full_splits
-    out_part = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
-    lse_part = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=query.device)
-    grid = (batch * num_rows * middle_splits + batch * num_heads * full_splits,)
-    _leank_decode_kernel[grid](*launch_args(out_part, lse_part, split_tokens, middle_splits), **constants)
-    out = torch.empty(batch, num_q_heads, 1, head_dim, dtype=query.dtype, device=query.device)
-    block_s, block_d = _merge_tile(splits, head_dim)
-    _merge_kernel[(batch * num_q_heads, head_dim // block_d)](
-        out_part, lse_part, out, layout.offsets_table, out_part.stride(0), out_part.stride(1), out_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), splits, middle_splits,
-        NUM_Q_HEADS=num_q_heads, GROUP=num_q_heads // num_heads, BLOCK_S=block_s, BLOCK_D=block_d,
-        WAIT_FOR_SPLITS=dependent_launch, num_warps=2, launch_pdl=dependent_launch,
+def _split_args(
+    query: torch.Tensor, cache: PrunedKV, strides: tuple, out_part: torch.Tensor, lse_part: torch.Tensor,
+    scaling: float, split_tokens: int, middle_splits: int, tuning: DecodeTuning,
+) -> tuple:  # fmt: skip
+    """`_leank_decode_kernel`'s arguments up to its constexprs, in order; `strides` are those of `LeanKDecoder`'s
+    tensors, partial results contiguous."""
+    q_strides, sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides = (
+        strides
+    )
+    batch, num_q_heads, splits, head_dim = out_part.shape
+    layout = cache.layout
+    return (
+        query, *q_strides[:2],
+        cache.sink_keys, cache.sink_values, cache.sink_lengths, *sink_strides[:3], cache.sink_keys.shape[2],
+        cache.middle_keys, *middle_key_strides[:2],
+        cache.middle_values, *middle_value_strides[:3],
+        cache.middle_start, cache.middle_len,
+        cache.recent_keys, cache.recent_values, cache.recent_valid, *window_strides[:3], valid_strides[0],
+        cache.recent_keys.shape[2],
+        layout.row_heads_table, layout.row_offsets_table, layout.channel_table, layout.value_rows,
+        out_part, lse_part, num_q_heads * splits * head_dim, splits * head_dim, head_dim, num_q_heads * splits, splits,
+        scaling * _LOG2E, batch, split_tokens, middle_splits, tuning.full_split_tokens,
     )  # fmt: skip
-    return out
+
+
+def _launch(
+    kernel: triton.runtime.JITFunction, compiled: CompiledKernel | None, grid: tuple[int, ...], args: tuple,
+    constexprs: dict, options: dict, stream: int | None,
+) -> CompiledKernel | None:  # fmt: skip
+    """Launch `kernel[grid]` on `args` (its parameters before the constexprs); through `compiled`, the kernel Triton
+    compiled for arguments specialised like these, when given, on `stream` (None: the current one). Returns the
+    compiled kernel to pass next time (None in the interpreter, which compiles nothing)."""
+    if compiled is not None:
+        # The compiled launcher takes a three-dimensional grid and every parameter, constexprs too.
+        compiled[(*grid, 1, 1)[:3]](*args, *constexprs.values(), stream=stream)
+        return compiled
+    launched = kernel[grid](*args, **constexprs, **options)
+    return launched if isinstance(launched, CompiledKernel) else None

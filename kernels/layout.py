@@ -8,6 +8,9 @@ from typing import NamedTuple
 
 import torch
 
+# Tokens written to the middle stores per step of `ChannelLayout.write_middle`.
+_WRITE_BLOCK = 1024
+
 
 @dataclass(frozen=True)
 class ChannelLayout:
@@ -23,13 +26,13 @@ class ChannelLayout:
         packed_index: `[C]` long, index of each kept channel into the flattened `(head, channel)` axis, in store order.
         value_heads: `[Hv]` long, the heads that have a middle-value row, in row order.
         chunk_heads: `[C / chunk]` long, the head that owns each chunk.
-        chunk_channels: `[C / chunk, chunk]` long, the channel (within its head) of each chunk's lanes.
+        lane_heads: `[C]` long, the head of each kept channel, in store order.
+        lane_channels: `[C]` long, each kept channel's index within its head, in store order.
         offsets_table: `[H + 1]` int32; head `h` owns kept channels `[offsets_table[h], offsets_table[h + 1])`.
         row_heads_table: `[Hv]` int32, `value_heads` for the kernel: its middle programs exist only for these heads.
         row_offsets_table: `[Hv + 1]` int32; value row `r` owns kept channels `[t[r], t[r + 1])`.
         channel_table: `[Hv, max_kept]` int32, each value row's kept channels, zero-padded.
-        head_chunks: `(head, first chunk, last chunk + 1)` of each head with a middle-value row, in row order (host
-            ints, so writing the stores needs no device-to-host read).
+        value_rows: how many heads have a middle-value row (a host int: the kernel's grid needs no device read).
         chunk: largest power of two (<= 64) dividing every head's kept count.
         max_kept: the largest kept count rounded up to a power of two (at least 16): the kernels' channel width.
     """
@@ -37,12 +40,13 @@ class ChannelLayout:
     packed_index: torch.Tensor
     value_heads: torch.Tensor
     chunk_heads: torch.Tensor
-    chunk_channels: torch.Tensor
+    lane_heads: torch.Tensor
+    lane_channels: torch.Tensor
     offsets_table: torch.Tensor
     row_heads_table: torch.Tensor
     row_offsets_table: torch.Tensor
     channel_table: torch.Tensor
-    head_chunks: tuple[tuple[int, int, int], ...]
+    value_rows: int
     chunk: int
     max_kept: int
 
@@ -64,12 +68,13 @@ class ChannelLayout:
             packed_index=(heads * head_dim + channels).to(device),
             value_heads=torch.tensor(value_heads, dtype=torch.long, device=device),
             chunk_heads=heads[::chunk].to(device),
-            chunk_channels=channels.reshape(-1, chunk).to(device),
+            lane_heads=heads.to(device),
+            lane_channels=channels.to(device),
             offsets_table=torch.tensor(offsets, dtype=torch.int32, device=device),
             row_heads_table=torch.tensor(value_heads, dtype=torch.int32, device=device),
             row_offsets_table=torch.tensor(row_offsets, dtype=torch.int32, device=device),
             channel_table=_padded_rows([row for row in channels.split(counts) if len(row)], max_kept).to(device),
-            head_chunks=tuple((h, offsets[h] // chunk, offsets[h + 1] // chunk) for h in value_heads),
+            value_rows=len(value_heads),
             chunk=chunk,
             max_kept=max_kept,
         )
@@ -97,12 +102,16 @@ class ChannelLayout:
             key_store: `[B, chunks, n, chunk]` slice of the middle-key store.
             value_store: `[B, Hv, n, D]` slice of the middle-value store.
 
-        One head at a time, so what a prefill holds beside its own keys is one head's share, not a layer's.
+        In blocks of `_WRITE_BLOCK` tokens, a few operations each whatever the number of heads (a decode step's flush
+        is one block), and what a prefill holds beside its own keys is one block's kept keys and values.
         """
-        for row, (head, first, last) in enumerate(self.head_chunks):
-            kept = keys[:, head].index_select(-1, self.chunk_channels[first:last].flatten())  # [B, n, kept]
-            key_store[:, first:last] = kept.unflatten(-1, (last - first, self.chunk)).transpose(1, 2)
-            value_store[:, row] = values[:, head]
+        batch, tokens = keys.shape[0], keys.shape[2]
+        for start in range(0, tokens, _WRITE_BLOCK):
+            block = slice(start, start + _WRITE_BLOCK)
+            # Two advanced indices split by a slice put the kept channels first: [C, B, n].
+            kept = keys[:, self.lane_heads, block, self.lane_channels]
+            key_store[:, :, block] = kept.view(self.num_chunks, self.chunk, batch, -1).permute(2, 0, 3, 1)
+            value_store[:, :, block] = values[:, self.value_heads, block]
 
 
 def _padded_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -13,7 +13,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache_layer import PendingStep
-from .kernels import leank_attention
 
 ATTN_IMPLEMENTATION = "leank"
 
@@ -68,7 +67,7 @@ def leank_attention_forward(
         return output, None
     layer.stage(step, valid)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output = leank_attention(query, layer.view(), scaling)
+    output = layer.attention(query, layer.view(), scaling)
     layer.settle()
     return output.transpose(1, 2).contiguous(), None
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .kernels import ChannelLayout, PrunedKV
+from .kernels import ChannelLayout, LeanKAttention, PrunedKV
 from .memory import LayerMemory, held_bytes
 
 # Stores grow by this share of their size (rounded up to whole flush blocks): amortised O(1) copies per token,
@@ -64,6 +64,7 @@ class LeanKLayer(CacheLayerMixin):
         self.sink, self.recent, self.block_size = sink, recent, block_size
         # The window holds at most `recent + block_size - 1` tokens between steps.
         self._window_capacity = _round_up(recent + block_size, block_size)
+        self.attention = LeanKAttention()  # keeps the decode kernel's launch set-up from step to step
         self._clear()
 
     def _clear(self) -> None:
@@ -178,17 +179,18 @@ class LeanKLayer(CacheLayerMixin):
 
     def view(self) -> PrunedKV:
         """The stored tokens as plain tensors (live slices, no copies)."""
+        sink, middle, window = self._sink_slots, self._middle, self._window
         return PrunedKV(
-            sink_keys=self.sink_keys[:, :, : self._sink_slots],
-            sink_values=self.sink_values[:, :, : self._sink_slots],
+            sink_keys=self.sink_keys.narrow(2, 0, sink),
+            sink_values=self.sink_values.narrow(2, 0, sink),
             sink_lengths=self.sink_lengths,
-            middle_keys=self.middle_keys[:, :, : self._middle],
-            middle_values=self.middle_values[:, :, : self._middle],
-            middle_valid=self.middle_valid[:, : self._middle],
+            middle_keys=self.middle_keys.narrow(2, 0, middle),
+            middle_values=self.middle_values.narrow(2, 0, middle),
+            middle_valid=self.middle_valid.narrow(1, 0, middle),
             middle_start=None if self._middle_has_holes else self.middle_start,
-            recent_keys=self.recent_keys[:, :, : self._window],
-            recent_values=self.recent_values[:, :, : self._window],
-            recent_valid=self.recent_valid[:, : self._window],
+            recent_keys=self.recent_keys.narrow(2, 0, window),
+            recent_values=self.recent_values.narrow(2, 0, window),
+            recent_valid=self.recent_valid.narrow(1, 0, window),
             layout=self.layout,
         )
 
@@ -198,7 +200,7 @@ class LeanKLayer(CacheLayerMixin):
         `valid` `[B, Q]` is False for padding (None = all real). Call `settle` once attention is done.
         """
         self._take(step)
-        self._append_to_window(step.keys, step.values, _validity(valid, step.keys))
+        self._append_to_window(step.keys, step.values, valid)
 
     def settle(self) -> None:
         """After attention: once the window reaches `recent + block_size`, all but its latest `recent` tokens leave."""
@@ -243,15 +245,21 @@ class LeanKLayer(CacheLayerMixin):
             raise RuntimeError("LeanKLayer got a step this layer did not hand out")
         self._pending = None
 
-    def _append_to_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+    def _append_to_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
         start, end = self._window, self._window + keys.shape[2]
         needed = max(end, self._window_capacity)  # the most the window holds between steps, allocated once
         self.recent_keys = _grown(self.recent_keys, 2, start, needed, self.block_size)
         self.recent_values = _grown(self.recent_values, 2, start, needed, self.block_size)
         self.recent_valid = _grown(self.recent_valid, 1, start, needed, self.block_size)
-        self.recent_keys[:, :, start:end] = keys
-        self.recent_values[:, :, start:end] = values
-        self.recent_valid[:, start:end] = valid
+        # narrow + copy_/fill_ rather than slice assignment: this runs for every layer at every step, and indexing
+        # costs a few microseconds of host time more per call.
+        self.recent_keys.narrow(2, start, end - start).copy_(keys)
+        self.recent_values.narrow(2, start, end - start).copy_(values)
+        flags = self.recent_valid.narrow(1, start, end - start)
+        if valid is None:  # all real: nothing to allocate
+            flags.fill_(True)
+        else:
+            flags.copy_(valid)
         self._window = end
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from transformers.masking_utils import sdpa_mask
 
 from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
+from leank_hf.kernels import layout as layout_module
 from leank_hf.memory import held_bytes
 
 from .dense_reference import dense_leank_attention, window_sizes
@@ -112,7 +113,9 @@ def test_fully_pruned_head_drops_middle_tokens_and_their_values():
     assert chunks * chunk == 8, "middle keys hold only the kept channels"
 
 
-def test_middle_store_holds_only_kept_channels_and_no_full_keys():
+@pytest.mark.parametrize("write_block", [1024, 2])
+def test_middle_store_holds_only_kept_channels_and_no_full_keys(write_block, monkeypatch):
+    monkeypatch.setattr(layout_module, "_WRITE_BLOCK", write_block)
     generator = torch.Generator().manual_seed(1)
     mask = random_mask(4, 64, 16, generator)
     layer = LeanKLayer(mask, sink=4, recent=16, block_size=8)
@@ -127,7 +130,8 @@ def test_middle_store_holds_only_kept_channels_and_no_full_keys():
     key_store = torch.full(layout.middle_key_shape(2, 5), torch.nan)
     value_store = torch.full((2, len(layout.value_heads), 5, 64), torch.nan)
     layout.write_middle(full, full + 1, key_store, value_store)
-    for index, (head, channels) in enumerate(zip(layout.chunk_heads.tolist(), layout.chunk_channels, strict=True)):
+    chunk_channels = layout.lane_channels.view(-1, layout.chunk)
+    for index, (head, channels) in enumerate(zip(layout.chunk_heads.tolist(), chunk_channels, strict=True)):
         torch.testing.assert_close(key_store[:, index], full[:, head][..., channels])
     torch.testing.assert_close(value_store, full[:, layout.value_heads] + 1)
     assert view.recent_keys.shape[2] <= 16 + 8 - 1

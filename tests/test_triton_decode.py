@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from leank_hf.kernels import ChannelLayout, PrunedKV, leank_attention_reference
-from leank_hf.kernels.decode import DecodeTuning, leank_decode_triton, supports
+from leank_hf.kernels.decode import DecodeTuning, LeanKDecoder, leank_decode_triton, supports
 
 from .test_cache_layer import random_mask
 from .tolerances import assert_close
@@ -200,6 +200,10 @@ def test_supports_only_what_the_kernel_handles():
     eight_channels[0, :8] = True  # tiles of 8 channels are below tl.dot's minimum of 16
     assert not supports(query, cache._replace(layout=ChannelLayout.from_mask(eight_channels)))
     assert not supports(query, cache._replace(middle_start=None)), "real middle tokens not contiguous"
+    strided = torch.randn(1, 2, 1, 128, dtype=torch.bfloat16, device=DEVICE)[..., ::2]
+    assert not supports(strided, cache), "channels of the query not contiguous"
+    with pytest.raises(ValueError, match="channel stride 2"):
+        leank_decode_triton(strided, cache, 0.125)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
@@ -234,6 +238,91 @@ def test_growing_lengths_never_recompile():
         cache = random_cache(2, 2, 64, 16, 4, 1000 + 7 * step, 257 + step, torch.float16, seed=0)
         leank_decode_triton(query, cache, 0.125)
     assert compiled() == before
+
+
+def sliced(cache: PrunedKV, sink: int, middle: int, window: int) -> PrunedKV:
+    """The first `sink` / `middle` / `window` slots of `cache`'s segments: live views of the same stores, as a layer
+    hands them to attention while its tokens grow."""
+    return cache._replace(
+        sink_keys=cache.sink_keys[:, :, :sink],
+        sink_values=cache.sink_values[:, :, :sink],
+        sink_lengths=cache.sink_lengths.clamp(max=sink),
+        middle_keys=cache.middle_keys[:, :, :middle],
+        middle_values=cache.middle_values[:, :, :middle],
+        middle_valid=cache.middle_valid[:, :middle],
+        recent_keys=cache.recent_keys[:, :, :window],
+        recent_values=cache.recent_values[:, :, :window],
+        recent_valid=cache.recent_valid[:, :window],
+    )
+
+
+def with_middle_capacity(cache: PrunedKV, capacity: int) -> PrunedKV:
+    """The same tokens in middle stores reallocated with room for `capacity` tokens (new strides, same layout)."""
+    middle = cache.middle_len
+
+    def regrown(store: torch.Tensor) -> torch.Tensor:
+        grown = torch.full((*store.shape[:2], capacity, store.shape[3]), float("nan"), dtype=store.dtype)
+        grown = grown.to(store.device)
+        grown[:, :, :middle] = store
+        return grown[:, :, :middle]
+
+    return cache._replace(middle_keys=regrown(cache.middle_keys), middle_values=regrown(cache.middle_values))
+
+
+def misaligned(query: torch.Tensor) -> torch.Tensor:
+    """`query`'s values at an address 8 bytes past a 16-byte boundary (Triton specialises on that alignment)."""
+    buffer = torch.zeros(*query.shape[:-1], query.shape[-1] + 8, dtype=query.dtype, device=query.device)
+    view = buffer[..., 4 : 4 + query.shape[-1]]
+    view.copy_(query)
+    assert view.data_ptr() % 16 == 8
+    return view
+
+
+def test_one_decoder_follows_a_cache_through_every_change():
+    """A `LeanKDecoder` kept from step to step matches the reference at every step: lengths growing inside the same
+    stores, the middle stores reallocated (new strides), new tensors with the same strides (a beam reorder), a
+    misaligned query, another batch size, another layout. With CUDA, the steps that change nothing it specialises
+    on launch the compiled kernels directly."""
+    dtype = DTYPES[-1]
+    gen = torch.Generator().manual_seed(41)
+    full = random_cache(3, 2, 64, 16, 6, 400, 90, dtype, seed=41)
+    beams = torch.tensor([2, 0, 0], device=DEVICE)
+    steps = [
+        sliced(full, 0, 0, 1),
+        sliced(full, 3, 0, 30),
+        sliced(full, 6, 100, 10),
+        sliced(full, 6, 100, 11),
+        sliced(full, 6, 300, 70),
+        with_middle_capacity(sliced(full, 6, 300, 71), 512),
+        full._replace(**{f: getattr(full, f).index_select(0, beams) for f in PrunedKV._fields if f != "layout"}),
+        random_cache(2, 2, 64, 16, 6, 200, 40, dtype, seed=42),
+        random_cache(2, 2, 64, 32, 6, 200, 40, dtype, seed=43),
+    ]
+    decoder = LeanKDecoder(DecodeTuning(block_n=16, min_split_tokens=32, max_waves=8))
+    for step, cache in enumerate(steps):
+        query = torch.randn(cache.sink_lengths.shape[0], 4, 1, 64, generator=gen).to(DEVICE, dtype)
+        if step == 4:
+            query = misaligned(query)
+        assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter compiles nothing, so every launch goes through it")
+def test_decoder_skips_triton_binding_until_strides_change(monkeypatch):
+    from leank_hf.kernels import decode
+
+    jit_launches = []
+    run = decode._leank_decode_kernel.run
+    monkeypatch.setattr(decode._leank_decode_kernel, "run", lambda *a, **k: jit_launches.append(1) or run(*a, **k))
+    full = random_cache(2, 8, 128, 32, 64, 3000, 320, torch.bfloat16, seed=44)
+    query = torch.randn(2, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    decoder = LeanKDecoder()
+    for middle, window in [(2000, 256), (2000, 257), (2064, 256), (2900, 300)]:
+        cache = sliced(full, 64, middle, window)
+        assert_close(decoder(query, cache, 0.09), reference(query, cache, 0.09), torch.bfloat16)
+    assert len(jit_launches) == 1
+    cache = with_middle_capacity(sliced(full, 64, 2900, 301), 4096)
+    assert_close(decoder(query, cache, 0.09), reference(query, cache, 0.09), torch.bfloat16)
+    assert len(jit_launches) == 2
 
 
 @pytest.mark.parametrize(
