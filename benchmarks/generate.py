@@ -5,7 +5,9 @@ with DynamicCache): KV/activation peak memory above the weights, prefill time, d
 tokens forced), and optionally the largest batch that fits. The summary compares the fastest run of each cache.
 PyTorch's default dispatch picks cuDNN attention on an H100, which builds a new execution plan for every new key
 length, so every decode step of a DynamicCache pays for plans; forcing flash attention avoids that, and the fastest
-run is the baseline. Random weights make the text meaningless but the work real.
+run is the baseline. Random weights make the text meaningless but the work real. Decoding here is host-bound and
+the lent machines' hosts are noisy (the same run varies by up to ~30 %), so each setup runs `--repeats` times,
+interleaved with the others, and the tables give medians.
 
     python benchmarks/generate.py --prompt 4096 --batch 16 [--find-max-batch]
     python benchmarks/generate.py --prompt 32768 --batch 4
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 
 import torch
@@ -86,6 +89,17 @@ def run(
     }  # fmt: skip
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One row for repeated runs of a setup: the median of each timing, the largest peak memory."""
+    row = dict(runs[0])
+    for key in ("prefill_s", "total_s", "decode_tok_s"):
+        row[key] = statistics.median(r[key] for r in runs)
+    for key in ("peak_gib", "prefill_peak_gib"):
+        row[key] = max(r[key] for r in runs)
+    row["decode_tok_s_runs"] = [r["decode_tok_s"] for r in runs]
+    return row
+
+
 def fits(
     model, masks, kind: str, batch: int, prompt: int, new_tokens: int, prefill_chunk: int | None, sdpa: str
 ) -> bool:
@@ -125,6 +139,7 @@ def main() -> None:
     parser.add_argument("--find-max-batch", action="store_true")
     parser.add_argument("--prefill-chunk", type=int, help="generate's prefill_chunk_size (both caches)")
     parser.add_argument("--skip-equal-batch", action="store_true", help="only search the largest batch")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each setup at equal batch (medians)")
     parser.add_argument("--caches", default="DynamicCache,LeanKCache", help="caches to run, comma-separated")
     parser.add_argument("--sdpa-backends", default="default,flash",
                         help="SDPA backends to run each cache with (default = PyTorch's dispatch); the largest-batch "
@@ -142,20 +157,25 @@ def main() -> None:
         run(model, masks, kind, 2, 1024, 8, sdpa=sdpa)
     rows = []
     if not args.skip_equal_batch:
-        rows = [
-            run(model, masks, kind, args.batch, args.prompt, args.new_tokens, args.prefill_chunk, sdpa)
-            for kind, sdpa in setups
-        ]
+        runs = {setup: [] for setup in setups}
+        for _ in range(args.repeats):  # interleaved, so that a slow spell of the host hits every setup alike
+            for kind, sdpa in setups:
+                runs[kind, sdpa].append(
+                    run(model, masks, kind, args.batch, args.prompt, args.new_tokens, args.prefill_chunk, sdpa)
+                )
+        rows = [median_run(setup_runs) for setup_runs in runs.values()]
     print(f"\n{torch.cuda.get_device_name()}; torch {torch.__version__}; Llama-3.1-8B config, random bf16 weights; "
           f"masks {args.masks} (sink {masks.sink} / recent {masks.recent}); {args.new_tokens} new tokens; "
           f"prefill chunk {args.prefill_chunk}\n")  # fmt: skip
     if rows:
-        print("| cache | SDPA | batch | prompt | prefill s | total s | decode tok/s | peak GiB above weights | "
-              "prefill-only peak GiB |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"medians of {args.repeats} runs\n")
+        print("| cache | SDPA | batch | prompt | prefill s | total s | decode tok/s | each run's decode tok/s | "
+              "peak GiB above weights | prefill-only peak GiB |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
+            each = ", ".join(f"{value:.1f}" for value in r["decode_tok_s_runs"])
             print(f"| {r['cache']} | {r['sdpa']} | {r['batch']} | {r['prompt']} | {r['prefill_s']:.2f} | "
-                  f"{r['total_s']:.2f} | {r['decode_tok_s']:.1f} | {r['peak_gib']:.2f} | "
+                  f"{r['total_s']:.2f} | {r['decode_tok_s']:.1f} | {each} | {r['peak_gib']:.2f} | "
                   f"{r['prefill_peak_gib']:.2f} |")  # fmt: skip
     fastest = {}  # cache -> its run with the most decode tokens/s
     for r in rows:
