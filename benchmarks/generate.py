@@ -2,7 +2,8 @@
 
 For each cache and each SDPA backend (`--sdpa-backends`; prefill attends through SDPA with either cache, decode too
 with DynamicCache): KV/activation peak memory above the weights, prefill time, decode tokens/s (all rows, 128 new
-tokens forced), and optionally the largest batch that fits. The summary compares the fastest run of each cache.
+tokens forced), and optionally the largest batch that fits. The summary compares the fastest setup (SDPA backend) of
+each cache.
 PyTorch's default dispatch picks cuDNN attention on an H100, which builds a new execution plan for every new key
 length, so every decode step of a DynamicCache pays for plans; forcing flash attention avoids that, and the fastest
 run is the baseline. Random weights make the text meaningless but the work real. Decoding here is host-bound and
@@ -177,13 +178,14 @@ def main() -> None:
             print(f"| {r['cache']} | {r['sdpa']} | {r['batch']} | {r['prompt']} | {r['prefill_s']:.2f} | "
                   f"{r['total_s']:.2f} | {r['decode_tok_s']:.1f} | {each} | {r['peak_gib']:.2f} | "
                   f"{r['prefill_peak_gib']:.2f} |")  # fmt: skip
-    fastest = {}  # cache -> its run with the most decode tokens/s
+    fastest = {}  # cache -> its setup with the most decode tokens/s (medians)
     for r in rows:
         if r["decode_tok_s"] > fastest.get(r["cache"], {}).get("decode_tok_s", 0):
             fastest[r["cache"]] = r
     if {"DynamicCache", "LeanKCache"} <= fastest.keys():
         dense, leank = fastest["DynamicCache"], fastest["LeanKCache"]
-        print(f"\nLeanK (SDPA {leank['sdpa']}) / DynamicCache (SDPA {dense['sdpa']}), the fastest run of each: "
+        print(f"\nLeanK (SDPA {leank['sdpa']}) / DynamicCache (SDPA {dense['sdpa']}), the fastest "
+              f"setup of each cache (medians): "
               f"peak memory {leank['peak_gib'] / dense['peak_gib']:.2f}x, decode tok/s "
               f"{leank['decode_tok_s'] / dense['decode_tok_s']:.2f}x, "
               f"total time {leank['total_s'] / dense['total_s']:.2f}x")  # fmt: skip
