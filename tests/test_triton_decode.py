@@ -353,3 +353,19 @@ def test_middle_splits_at_batch_8_on_an_h100():
     assert _middle_splits(DecodeTuning(), 52, 32000, 396) == (2144, 15)
     assert _middle_splits(DecodeTuning(), 0, 32000, 396)[1] == 0
     assert _middle_splits(DecodeTuning(), 52, 0, 396)[1] == 0
+
+
+def test_a_copied_layer_attention_starts_without_launch_state():
+    """Deep-copying a cache copies its layers; their `LeanKAttention` must not carry compiled kernels along."""
+    import copy
+
+    from leank_hf.kernels import LeanKAttention
+
+    dtype = DTYPES[-1]
+    cache = random_cache(2, 2, 64, 16, 4, 120, 20, dtype, seed=51)
+    query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(52)).to(DEVICE, dtype)
+    attention = LeanKAttention()
+    attention(query, cache, 0.1)
+    copied = copy.deepcopy(attention)
+    assert copied._decoder is None
+    assert_close(copied(query, cache, 0.1), reference(query, cache, 0.1), dtype)
