@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -25,8 +26,6 @@ from leank_hf import LeanKMasks
 from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
 from leank_hf.kernels.decode import leank_decode_triton
-
-Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
 class AttentionModule(torch.nn.Module):

@@ -415,8 +415,8 @@ class LeanKDecoder:
         out = torch.empty(batch, num_q_heads, 1, head_dim, dtype=query.dtype, device=query.device)
         tile = _merge_tile(splits, head_dim)
         merge_args = (
-            out_part, lse_part, out, layout.offsets_table, num_q_heads * splits * head_dim, splits * head_dim,
-            head_dim, num_q_heads * splits, splits, out.stride(0), out.stride(1), splits, middle_splits,
+            out_part, lse_part, out, layout.offsets_table, *_partial_strides(out_part), out.stride(0), out.stride(1),
+            splits, middle_splits,
         )  # fmt: skip
         merge_constexprs = {
             "NUM_Q_HEADS": num_q_heads, "GROUP": self._constexprs["GROUP"], "BLOCK_S": tile[0], "BLOCK_D": tile[1],
@@ -484,7 +484,7 @@ def _split_args(
     q_strides, sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides = (
         strides
     )
-    batch, num_q_heads, splits, head_dim = out_part.shape
+    batch = query.shape[0]
     layout = cache.layout
     return (
         query, *q_strides[:2],
@@ -495,9 +495,16 @@ def _split_args(
         cache.recent_keys, cache.recent_values, cache.recent_valid, *window_strides[:3], valid_strides[0],
         cache.recent_keys.shape[2],
         layout.row_heads_table, layout.row_offsets_table, layout.channel_table, layout.value_rows,
-        out_part, lse_part, num_q_heads * splits * head_dim, splits * head_dim, head_dim, num_q_heads * splits, splits,
+        out_part, lse_part, *_partial_strides(out_part),
         scaling * _LOG2E, batch, split_tokens, middle_splits, tuning.full_split_tokens,
     )  # fmt: skip
+
+
+def _partial_strides(out_part: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Strides (batch, head, split) of the contiguous partial outputs `[B, Hq, splits, D]`, then (batch, head) of
+    their log-sum-exps `[B, Hq, splits]`, from the shape alone (no `stride()` calls on the hot path)."""
+    _, num_q_heads, splits, head_dim = out_part.shape
+    return num_q_heads * splits * head_dim, splits * head_dim, head_dim, num_q_heads * splits, splits
 
 
 def _launch(
