@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from leank_hf import LeanKCache, LeanKMasks
 
@@ -57,43 +57,64 @@ def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(names[name])
 
 
+class StepClock(LogitsProcessor):
+    """Marks the GPU timeline each time `generate` scores a next token: once after the prefill, then once per decode
+    step. Decode time is then measured inside the one generate call, on the GPU's clock (a host-bound step shows as
+    the gap between two marks), with no prefill-only run to subtract."""
+
+    def __init__(self) -> None:
+        self.marks: list[torch.cuda.Event] = []
+        self.prefill_peak = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.marks:  # every allocation of the prefill has been made by the time the host gets here
+            self.prefill_peak = torch.cuda.max_memory_allocated()
+        mark = torch.cuda.Event(enable_timing=True)
+        mark.record()
+        self.marks.append(mark)
+        return scores
+
+    def step_seconds(self) -> list[float]:
+        """Seconds between consecutive marks: one entry per decode step (call after synchronising)."""
+        return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+
+
 def run(
     model, masks, kind: str, batch: int, prompt: int, new_tokens: int, prefill_chunk: int | None = None,
     sdpa: str = "default",
 ) -> dict:  # fmt: skip
-    """Prefill and decode timings and peak memory of one generate call."""
+    """Prefill time, decode steps' times and peak memory of one generate call."""
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
-    common = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0,
-              "prefill_chunk_size": prefill_chunk}  # fmt: skip
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     weights = torch.cuda.memory_allocated()
-    start = time.perf_counter()
+    clock = StepClock()
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
     with torch.no_grad(), sdpa_backend(sdpa):
-        model.generate(ids, past_key_values=make_cache(kind, model, masks), max_new_tokens=1, **common)
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(kind, model, masks),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            prefill_chunk_size=prefill_chunk, logits_processor=LogitsProcessorList([clock]),
+        )  # fmt: skip
     torch.cuda.synchronize()
-    prefill = time.perf_counter() - start
-    prefill_peak = torch.cuda.max_memory_allocated() - weights
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with torch.no_grad(), sdpa_backend(sdpa):
-        model.generate(ids, past_key_values=make_cache(kind, model, masks), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, **common)  # fmt: skip
-    torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    decode = max(total - prefill, 1e-9)
+    steps = clock.step_seconds()
+    decode = sum(steps)
     return {
-        "cache": kind, "sdpa": sdpa, "batch": batch, "prompt": prompt, "prefill_s": prefill, "total_s": total,
-        "decode_tok_s": batch * (new_tokens - 1) / decode,
-        "peak_gib": (torch.cuda.max_memory_allocated() - weights) / 2**30, "prefill_peak_gib": prefill_peak / 2**30,
+        "cache": kind, "sdpa": sdpa, "batch": batch, "prompt": prompt,
+        "prefill_s": start.elapsed_time(clock.marks[0]) / 1e3, "decode_s": decode,
+        "decode_tok_s": batch * len(steps) / decode, "step_ms": statistics.median(steps) * 1e3,
+        "slowest_step_ms": max(steps) * 1e3,
+        "peak_gib": (torch.cuda.max_memory_allocated() - weights) / 2**30,
+        "prefill_peak_gib": (clock.prefill_peak - weights) / 2**30,
     }  # fmt: skip
 
 
 def median_run(runs: list[dict]) -> dict:
     """One row for repeated runs of a setup: the median of each timing, the largest peak memory."""
     row = dict(runs[0])
-    for key in ("prefill_s", "total_s", "decode_tok_s"):
+    for key in ("prefill_s", "decode_s", "decode_tok_s", "step_ms", "slowest_step_ms"):
         row[key] = statistics.median(r[key] for r in runs)
     for key in ("peak_gib", "prefill_peak_gib"):
         row[key] = max(r[key] for r in runs)
@@ -170,14 +191,14 @@ def main() -> None:
           f"prefill chunk {args.prefill_chunk}\n")  # fmt: skip
     if rows:
         print(f"medians of {args.repeats} runs\n")
-        print("| cache | SDPA | batch | prompt | prefill s | total s | decode tok/s | each run's decode tok/s | "
-              "peak GiB above weights | prefill-only peak GiB |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| cache | SDPA | batch | prompt | prefill s | decode s | decode tok/s | each run's decode tok/s | "
+              "median step ms | slowest step ms | peak GiB above weights | prefill peak GiB |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             each = ", ".join(f"{value:.1f}" for value in r["decode_tok_s_runs"])
             print(f"| {r['cache']} | {r['sdpa']} | {r['batch']} | {r['prompt']} | {r['prefill_s']:.2f} | "
-                  f"{r['total_s']:.2f} | {r['decode_tok_s']:.1f} | {each} | {r['peak_gib']:.2f} | "
-                  f"{r['prefill_peak_gib']:.2f} |")  # fmt: skip
+                  f"{r['decode_s']:.2f} | {r['decode_tok_s']:.1f} | {each} | {r['step_ms']:.1f} | "
+                  f"{r['slowest_step_ms']:.1f} | {r['peak_gib']:.2f} | {r['prefill_peak_gib']:.2f} |")  # fmt: skip
     fastest = {}  # cache -> its setup with the most decode tokens/s (medians)
     for r in rows:
         if r["decode_tok_s"] > fastest.get(r["cache"], {}).get("decode_tok_s", 0):
@@ -188,7 +209,8 @@ def main() -> None:
               f"setup of each cache (medians): "
               f"peak memory {leank['peak_gib'] / dense['peak_gib']:.2f}x, decode tok/s "
               f"{leank['decode_tok_s'] / dense['decode_tok_s']:.2f}x, "
-              f"total time {leank['total_s'] / dense['total_s']:.2f}x")  # fmt: skip
+              f"median step time {leank['step_ms'] / dense['step_ms']:.2f}x, prefill time "
+              f"{leank['prefill_s'] / dense['prefill_s']:.2f}x")  # fmt: skip
     if args.find_max_batch:
         largest = {
             kind: max_batch(model, masks, kind, args.prompt, args.new_tokens, args.batch, args.prefill_chunk,

@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from leank_hf import LeanKMasks
 from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
+from leank_hf.kernels import NewTokens
 from leank_hf.kernels.decode import leank_decode_triton
 
 
@@ -76,10 +77,10 @@ def main() -> None:
         keys, values = layer.update(key, value)
         sdpa_attention_forward(module, query, keys, values, None, scaling=scaling)
 
-    def update_and_stage(layer: LeanKLayer) -> None:
-        keys, _ = layer.update(key, value)
-        layer.stage(keys, None)
-        layer.crop(-1)  # undo, so the window never flushes
+    def attention_only(layer: LeanKLayer, version: bool) -> None:
+        # The window's last stored token stands in for this step's, so the window never flushes.
+        new = NewTokens(key, value, None)
+        layer.attention(query, layer.view(), scaling, new, layer.stores_version if version else None)
 
     setups: list[tuple[str, Callable, Callable, SDPBackend]] = [
         ("LeanK layer step (update + attention)", filled_leank_layer, leank_step, SDPBackend.FLASH_ATTENTION),
@@ -88,10 +89,11 @@ def main() -> None:
     if device == "cuda":
         setups += [
             ("DynamicLayer + SDPA, cuDNN", filled_dense_layer, dense_step, SDPBackend.CUDNN_ATTENTION),
-            ("  LeanK part: update + stage", filled_leank_layer, update_and_stage, SDPBackend.FLASH_ATTENTION),
             ("  LeanK part: view", filled_leank_layer, LeanKLayer.view, SDPBackend.FLASH_ATTENTION),
-            ("  LeanK part: attention (layer's kept decoder)", filled_leank_layer,
-             lambda layer: layer.attention(query, layer.view(), scaling), SDPBackend.FLASH_ATTENTION),
+            ("  LeanK part: view + attention writing the new token (kept decoder, stores' version given)",
+             filled_leank_layer, lambda layer: attention_only(layer, True), SDPBackend.FLASH_ATTENTION),
+            ("  LeanK part: the same, stores' strides read every call", filled_leank_layer,
+             lambda layer: attention_only(layer, False), SDPBackend.FLASH_ATTENTION),
             ("  for comparison: leank_decode_triton (set up every call)", filled_leank_layer,
              lambda layer: leank_decode_triton(query, layer.view(), scaling), SDPBackend.FLASH_ATTENTION),
         ]  # fmt: skip

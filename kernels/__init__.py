@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Hashable
+from types import ModuleType
+
 import torch
 
-from .layout import ChannelLayout, PrunedKV
+from .layout import ChannelLayout, NewTokens, PrunedKV
 from .reference import leank_attention_reference
 
 
 class LeanKAttention:
-    """LeanK attention of one layer, step after step: the Triton decode kernel on CUDA where it applies, else the
-    PyTorch reference (CPU, fp32, multi-token steps). Same semantics either way (see `leank_attention_reference`).
+    """LeanK attention of one layer, step after step: the Triton decode kernel where it applies (see
+    `kernel_devices` and `decode.supports`), else the PyTorch reference (CPU, fp32, multi-token steps). Same semantics
+    either way (see `leank_attention_reference`).
 
     It keeps the layer's `LeanKDecoder`, so the kernel's launch set-up is paid once per layer, not once per step.
     """
+
+    # Devices whose tensors go to the Triton kernel; tests add "cpu" to run it in Triton's interpreter.
+    kernel_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self) -> None:
         self._decoder = None
@@ -21,16 +29,35 @@ class LeanKAttention:
     def __deepcopy__(self, memo: dict) -> LeanKAttention:
         return LeanKAttention()  # launch state is only a cache: a copied cache layer builds its own
 
-    def __call__(self, query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
-        """Attention of `query` `[B, Hq, Q, D]` over `cache`; `[B, Hq, Q, D]` in the query dtype."""
-        if query.is_cuda:
-            from .decode import LeanKDecoder, supports
+    def __call__(
+        self, query: torch.Tensor, cache: PrunedKV, scaling: float, new: NewTokens | None = None,
+        cache_version: Hashable | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention of `query` `[B, Hq, Q, D]` over `cache`; `[B, Hq, Q, D]` in the query dtype.
 
-            if supports(query, cache):
+        With `new`, the window's last `Q` slots are this step's tokens, not yet written: they are written first (by
+        the kernel itself where it can). `cache_version`: see `LeanKDecoder`.
+        """
+        if query.device.type in self.kernel_devices:
+            decode = _decode_kernels()
+            if decode.supports(query, cache):
+                if new is not None and not decode.takes_new_tokens(new, cache):
+                    new.write(cache)
+                    new = None
                 if self._decoder is None:
-                    self._decoder = LeanKDecoder()
-                return self._decoder(query, cache, scaling)
+                    self._decoder = decode.LeanKDecoder()
+                return self._decoder(query, cache, scaling, new, cache_version)
+        if new is not None:
+            new.write(cache)
         return leank_attention_reference(query, cache, scaling)
+
+
+@functools.cache
+def _decode_kernels() -> ModuleType:
+    """The Triton kernels' module, imported on first use: Triton is an optional dependency on the CPU."""
+    from . import decode
+
+    return decode
 
 
 def leank_attention(query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
@@ -38,4 +65,4 @@ def leank_attention(query: torch.Tensor, cache: PrunedKV, scaling: float) -> tor
     return LeanKAttention()(query, cache, scaling)
 
 
-__all__ = ["ChannelLayout", "LeanKAttention", "PrunedKV", "leank_attention", "leank_attention_reference"]
+__all__ = ["ChannelLayout", "LeanKAttention", "NewTokens", "PrunedKV", "leank_attention", "leank_attention_reference"]

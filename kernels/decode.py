@@ -18,6 +18,7 @@ as a programmatic dependent so that it starts while the last splits run.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.compiler import CompiledKernel
 
-from .layout import ChannelLayout, PrunedKV
+from .layout import ChannelLayout, NewTokens, PrunedKV
 
 _LOG2E = 1.4426950408889634
 
@@ -112,6 +113,35 @@ def _full_width_tiles(
     return m_i, l_i, acc
 
 
+@triton.jit
+def _new_token(
+    q, new_k, new_v, new_valid, win_k, win_v, win_valid, write_flag, m_i, l_i, acc, qk_scale, D: tl.constexpr,
+    NEW_VALID: tl.constexpr,
+):  # fmt: skip
+    """Write this step's token of one (row, KV head) into its window slot (`write_flag`: its flag too) and fold it
+    into the running state. No other program of the launch reads that slot."""
+    offs_d = tl.arange(0, D)
+    k = tl.load(new_k + offs_d)
+    v = tl.load(new_v + offs_d)
+    tl.store(win_k + offs_d, k)
+    tl.store(win_v + offs_d, v)
+    scores = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * qk_scale
+    if NEW_VALID:
+        valid = tl.load(new_valid)
+        scores = tl.where(valid != 0, scores, float("-inf"))
+    else:
+        valid = tl.full([], 1, tl.int1)
+    if write_flag:
+        tl.store(win_valid, valid.to(win_valid.dtype.element_ty))
+    m_new = tl.maximum(m_i, scores)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe)
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
+    return m_new, l_i, acc
+
+
 # Lengths change every step: never specialise on them (Triton otherwise recompiles when one becomes divisible by 16).
 # Measured before this: Llama-3.1-8B config, 32K context, batch 4 decoded at 0.70x DynamicCache; after it, 1.94x.
 @triton.jit(
@@ -127,11 +157,13 @@ def _leank_decode_kernel(
     MidV, stride_mvb, stride_mvh, stride_mvn,
     MidStart, middle_len,
     WinK, WinV, WinValid, stride_wb, stride_wh, stride_wn, stride_wvalb, window_len,
+    NewK, NewV, NewValid, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     RowHeads, RowOffsets, ChannelTable, num_rows,
     OutPart, LsePart, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     qk_scale, batch, split_tokens, middle_splits, full_split_tokens,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     CHUNK: tl.constexpr, KMAX: tl.constexpr, BLOCK_N: tl.constexpr, LET_MERGE_START: tl.constexpr,
+    NEW_TOKEN: tl.constexpr, NEW_VALID: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if LET_MERGE_START:  # the merge may launch once every program has started (it waits for their results)
@@ -182,11 +214,19 @@ def _leank_decode_kernel(
             tl.minimum(lo, sink_slots), tl.minimum(hi, sink_slots), sink_len, m_i, l_i, acc, qk_scale, D, BLOCK_N, True,
         )  # fmt: skip
         window_offset = b * stride_wb + h * stride_wh
+        stored = window_len - 1 if NEW_TOKEN else window_len  # with NEW_TOKEN the last slot is written here
         m_i, l_i, acc = _full_width_tiles(
             q, WinK + window_offset, WinV + window_offset, stride_wn, stride_wn, WinValid + b * stride_wvalb, 1,
-            tl.maximum(lo - sink_slots, 0), tl.minimum(hi - sink_slots, window_len), 0, m_i, l_i, acc, qk_scale, D,
+            tl.maximum(lo - sink_slots, 0), tl.minimum(hi - sink_slots, stored), 0, m_i, l_i, acc, qk_scale, D,
             BLOCK_N, False,
         )  # fmt: skip
+        if NEW_TOKEN:  # noqa: SIM102 (a constexpr: this branch is compiled only with new tokens)
+            if (sink_slots + stored >= lo) & (sink_slots + stored < hi):  # the one program whose share holds it
+                m_i, l_i, acc = _new_token(
+                    q, NewK + b * stride_nkb + h * stride_nkh, NewV + b * stride_nvb + h * stride_nvh, NewValid + b,
+                    WinK + window_offset + stored * stride_wn, WinV + window_offset + stored * stride_wn,
+                    WinValid + b * stride_wvalb + stored, h == 0, m_i, l_i, acc, qk_scale, D, NEW_VALID,
+                )  # fmt: skip
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -259,6 +299,15 @@ def supports(query: torch.Tensor, cache: PrunedKV) -> bool:
     )
 
 
+def takes_new_tokens(new: NewTokens, cache: PrunedKV) -> bool:
+    """Whether the kernel can write this step's tokens itself: contiguous channels, in the window's dtype."""
+    return (
+        new.keys.stride(-1) == 1
+        and new.values.stride(-1) == 1
+        and new.keys.dtype == new.values.dtype == cache.recent_keys.dtype
+    )
+
+
 def _cdiv(a: int, b: int) -> int:
     """Ceiling division of host ints (`triton.cdiv` costs a few microseconds per call here, on every layer's step)."""
     return -(-a // b)
@@ -267,20 +316,13 @@ def _cdiv(a: int, b: int) -> int:
 _SLOTS: dict[tuple, int] = {}
 
 
-def _slots(
-    constexprs: dict, options: dict, query: torch.Tensor, cache: PrunedKV, strides: tuple, tuning: DecodeTuning
-) -> int:
-    """Programs the GPU holds at once: resident programs per multiprocessor times multiprocessors. Compiles the
-    kernel (on placeholder partial buffers) once per set of constants, so once per layer width: lengths are not
-    among them."""
-    device = query.device
+def _slots(device: torch.device, constexprs: dict, options: dict, warm_up: Callable[[], CompiledKernel | None]) -> int:
+    """Programs the GPU holds at once: resident programs per multiprocessor times multiprocessors. `warm_up`
+    compiles the kernel for these constants, once per set of them (so once per layer width: lengths are not among
+    them)."""
     key = (device, *constexprs.values(), *options.values())
     if key not in _SLOTS:
-        kernel = None
-        if device.type == "cuda":
-            out_part = query.new_empty(query.shape, dtype=torch.float32)  # one split
-            args = _split_args(query, cache, strides, out_part, out_part[..., 0], 1.0, 1, 1, tuning)
-            kernel = _leank_decode_kernel.warmup(*args, grid=(1,), **constexprs, **options)
+        kernel = warm_up() if device.type == "cuda" else None
         _SLOTS[key] = _resident_programs(kernel, device) * _multiprocessors(device)
     return _SLOTS[key]
 
@@ -334,8 +376,9 @@ def _middle_splits(tuning: DecodeTuning, middle_rows: int, middle_len: int, slot
 
 
 def leank_decode_triton(
-    query: torch.Tensor, cache: PrunedKV, scaling: float, tuning: DecodeTuning | None = None
-) -> torch.Tensor:
+    query: torch.Tensor, cache: PrunedKV, scaling: float, tuning: DecodeTuning | None = None,
+    new: NewTokens | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Same as `leank_attention_reference` for one query token per row (`Q == 1`): a split launch and a merge launch.
 
     Args:
@@ -343,13 +386,15 @@ def leank_decode_triton(
         cache: the stored tokens; the window ends with this step's token (see `PrunedKV`).
         scaling: multiplier of q·k.
         tuning: launch parameters; `DecodeTuning()` when None.
+        new: this step's token, when the window's last slot is not written yet: the kernel writes it there (keys,
+            values and flag) as it attends (see `NewTokens`).
 
     Returns:
         `[B, Hq, 1, D]` in the query dtype (fp32 accumulation).
 
     Each call sets the launch up from scratch; a layer decoding step after step keeps a `LeanKDecoder` instead.
     """
-    return LeanKDecoder(tuning)(query, cache, scaling)
+    return LeanKDecoder(tuning)(query, cache, scaling, new)
 
 
 class LeanKDecoder:
@@ -357,12 +402,13 @@ class LeanKDecoder:
 
     Eager decoding launches every kernel of every layer from the host in turn, so host time per layer adds to the
     time per token. Set up from scratch, a decode call took ~150 us of host time on the lent H100 machine against
-    ~25 us for SDPA; about half went to Triton binding and specialising 43 + 13 arguments, the rest to strides, the
-    split plan and checks. A decoder keeps the launch constants, the split plan (it changes only when the middle
+    ~25 us for SDPA; about half went to Triton binding and specialising the kernels' arguments, the rest to strides,
+    the split plan and checks. A decoder keeps the launch constants, the split plan (it changes only when the middle
     grows, every `block_size` steps) and the compiled kernels. Each call reads what Triton specialises a compiled
     kernel on (dtypes, strides, pointer alignment, the layout) and, while that matches the last call's, launches the
     compiled kernels directly, without Triton's per-call binding, specialisation and cache lookup; otherwise it checks
-    the inputs again and launches through Triton's JIT.
+    the inputs again and launches through Triton's JIT. A caller that knows when its stores change passes a
+    `cache_version`, and the cache's tensors are read again only when it changes.
 
     Args:
         tuning: launch parameters; `DecodeTuning()` when None.
@@ -371,7 +417,10 @@ class LeanKDecoder:
     def __init__(self, tuning: DecodeTuning | None = None) -> None:
         self.tuning = tuning or DecodeTuning()
         self._signature: tuple | None = None
-        self._layout: ChannelLayout | None = None  # held, so that its id in `_signature` cannot be reused
+        self._cache_version: Hashable | None = None
+        self._cache_signature: tuple = ()
+        self._cache_strides: tuple = ()
+        self._layout: ChannelLayout | None = None  # held, so that its id in `_cache_signature` cannot be reused
         self._constexprs: dict[str, int | bool] = {}
         self._options: dict[str, int | bool] = {}
         self._slots = 1
@@ -379,22 +428,32 @@ class LeanKDecoder:
         self._split_kernel: CompiledKernel | None = None
         self._merge_kernels: dict[tuple[int, int], CompiledKernel | None] = {}
 
-    def __call__(self, query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
-        """`leank_decode_triton(query, cache, scaling, self.tuning)`."""
+    def __call__(
+        self, query: torch.Tensor, cache: PrunedKV, scaling: float, new: NewTokens | None = None,
+        cache_version: Hashable | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """`leank_decode_triton(query, cache, scaling, self.tuning, new)`.
+
+        `cache_version`: a value the caller changes whenever one of `cache`'s tensors may have been replaced
+        (reallocated, reordered, re-strided); while it equals the last call's, the cache tensors' strides, dtypes and
+        alignment are taken to be the last call's. None: read them every call.
+        """
         if cache.middle_start is None:
-            _check(query, cache)  # raises; the signature below reads every tensor
-        tensors = (
-            query, cache.sink_keys, cache.sink_values, cache.sink_lengths, cache.middle_keys, cache.middle_values,
-            cache.middle_start, cache.recent_keys, cache.recent_values, cache.recent_valid,
-        )  # fmt: skip
-        strides = tuple(tensor.stride() for tensor in tensors)
+            _check(query, cache, new)  # raises; the signature below reads every tensor
+        if cache_version is None or cache_version != self._cache_version:
+            self._cache_strides, self._cache_signature = _cache_signature(cache)
+            self._cache_version = cache_version
+        new_valid = None if new is None or new.valid is None else new.valid.contiguous()
+        step_tensors = (query,) if new is None else (query, new.keys, new.values)
         device = torch.cuda.current_device() if query.is_cuda else -1  # where Triton launches, as its JIT does
         signature = (
-            id(cache.layout), query.shape, device, strides,
-            tuple((tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in tensors),
+            self._cache_signature, query.shape, device, new is None, new_valid is None,
+            tuple(tensor.stride() for tensor in step_tensors),
+            tuple((tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in step_tensors),
+            None if new_valid is None else (new_valid.dtype, new_valid.data_ptr() % 16 == 0),
         )  # fmt: skip
         if signature != self._signature:
-            self._set_up(query, cache, strides)
+            self._set_up(query, cache, new, new_valid)
             self._signature = signature
 
         batch, num_q_heads, _, head_dim = query.shape
@@ -406,7 +465,10 @@ class LeanKDecoder:
         out_part = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=query.device)
         grid = (batch * num_rows * middle_splits + batch * cache.recent_keys.shape[1] * full_splits,)
-        args = _split_args(query, cache, strides, out_part, lse_part, scaling, split_tokens, middle_splits, self.tuning)
+        args = _split_args(
+            query, cache, self._cache_strides, new, new_valid, out_part, lse_part, scaling, split_tokens,
+            middle_splits, self.tuning,
+        )  # fmt: skip
         stream = triton.runtime.driver.active.get_current_stream(device) if self._split_kernel else None
         self._split_kernel = _launch(
             _leank_decode_kernel, self._split_kernel, grid, args, self._constexprs, self._options, stream
@@ -429,9 +491,11 @@ class LeanKDecoder:
         )  # fmt: skip
         return out
 
-    def _set_up(self, query: torch.Tensor, cache: PrunedKV, strides: tuple) -> None:
+    def _set_up(
+        self, query: torch.Tensor, cache: PrunedKV, new: NewTokens | None, new_valid: torch.Tensor | None
+    ) -> None:
         """Check the inputs and derive the launch constants; forget the compiled kernels (they may not fit)."""
-        _check(query, cache)
+        _check(query, cache, new)
         num_q_heads, head_dim = query.shape[1], query.shape[3]
         num_heads = cache.recent_keys.shape[1]
         dependent_launch = _dependent_launch(query.device)
@@ -440,10 +504,18 @@ class LeanKDecoder:
             "NUM_KV_HEADS": num_heads, "GROUP": num_q_heads // num_heads,
             "GROUP_PAD": max(16, 1 << (num_q_heads // num_heads - 1).bit_length()), "D": head_dim,
             "CHUNK": cache.layout.chunk, "KMAX": cache.layout.max_kept, "BLOCK_N": self.tuning.block_n,
-            "LET_MERGE_START": dependent_launch,
+            "LET_MERGE_START": dependent_launch, "NEW_TOKEN": new is not None, "NEW_VALID": new_valid is not None,
         }  # fmt: skip
         self._options = {"num_warps": self.tuning.num_warps, "num_stages": self.tuning.num_stages}
-        self._slots = _slots(self._constexprs, self._options, query, cache, strides, self.tuning)
+
+        def warm_up() -> CompiledKernel:
+            out_part = query.new_empty(query.shape, dtype=torch.float32)  # one split
+            args = _split_args(
+                query, cache, self._cache_strides, new, new_valid, out_part, out_part[..., 0], 1.0, 1, 1, self.tuning
+            )
+            return _leank_decode_kernel.warmup(*args, grid=(1,), **self._constexprs, **self._options)
+
+        self._slots = _slots(query.device, self._constexprs, self._options, warm_up)
         self._split_plan = ((0, 0), (0, 0))
         self._split_kernel = None
         self._merge_kernels = {}
@@ -456,14 +528,33 @@ class LeanKDecoder:
         return self._split_plan[1]
 
 
-def _check(query: torch.Tensor, cache: PrunedKV) -> None:
+def _cache_signature(cache: PrunedKV) -> tuple[tuple, tuple]:
+    """(strides of the cache tensors the kernel reads, what Triton specialises a compiled kernel on among them: the
+    layout, strides, dtypes and 16-byte alignment of every pointer)."""
+    tensors = (
+        cache.sink_keys, cache.sink_values, cache.sink_lengths, cache.middle_keys, cache.middle_values,
+        cache.middle_start, cache.recent_keys, cache.recent_values, cache.recent_valid,
+    )  # fmt: skip
+    strides = tuple(tensor.stride() for tensor in tensors)
+    return strides, (
+        id(cache.layout),
+        strides,
+        tuple((tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in tensors),
+    )
+
+
+def _check(query: torch.Tensor, cache: PrunedKV, new: NewTokens | None = None) -> None:
     """Raise ValueError for inputs the kernel does not handle."""
-    if not supports(query, cache):
+    if not supports(query, cache) or (new is not None and not takes_new_tokens(new, cache)):
+        new_tokens = "" if new is None else (
+            f", new keys/values {new.keys.dtype}/{new.values.dtype} (channel strides {new.keys.stride(-1)}/"
+            f"{new.values.stride(-1)}) for a {cache.recent_keys.dtype} window"
+        )  # fmt: skip
         raise ValueError(
             f"the LeanK decode kernel handles one bf16/fp16 query token per row (contiguous channels) with kept counts "
             f"in multiples of 16 and contiguous real middle tokens; got query {tuple(query.shape)} {query.dtype} "
             f"(channel stride {query.stride(-1)}), channel tile {cache.layout.chunk}, middle_start "
-            f"{'None' if cache.middle_start is None else 'given'} (see `supports`)"
+            f"{'None' if cache.middle_start is None else 'given'}{new_tokens} (see `supports`)"
         )
     shared = (
         cache.sink_keys.stride() == cache.sink_values.stride()
@@ -476,24 +567,30 @@ def _check(query: torch.Tensor, cache: PrunedKV) -> None:
 
 
 def _split_args(
-    query: torch.Tensor, cache: PrunedKV, strides: tuple, out_part: torch.Tensor, lse_part: torch.Tensor,
-    scaling: float, split_tokens: int, middle_splits: int, tuning: DecodeTuning,
+    query: torch.Tensor, cache: PrunedKV, cache_strides: tuple, new: NewTokens | None, new_valid: torch.Tensor | None,
+    out_part: torch.Tensor, lse_part: torch.Tensor, scaling: float, split_tokens: int, middle_splits: int,
+    tuning: DecodeTuning,
 ) -> tuple:  # fmt: skip
-    """`_leank_decode_kernel`'s arguments up to its constexprs, in order; `strides` are those of `LeanKDecoder`'s
-    tensors, partial results contiguous."""
-    q_strides, sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides = (
-        strides
-    )
+    """`_leank_decode_kernel`'s arguments up to its constexprs, in order; `cache_strides` as `_cache_signature` gives
+    them, partial results contiguous. Without new tokens (or their flags) the window's tensors stand in for them:
+    the kernel is then compiled without reading them."""
+    sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides = cache_strides
     batch = query.shape[0]
     layout = cache.layout
+    if new is None:
+        new_tensors, new_strides = (cache.recent_keys, cache.recent_values), (0, 0, 0, 0)
+    else:
+        new_tensors = (new.keys, new.values)
+        new_strides = (new.keys.stride(0), new.keys.stride(1), new.values.stride(0), new.values.stride(1))
     return (
-        query, *q_strides[:2],
+        query, query.stride(0), query.stride(1),
         cache.sink_keys, cache.sink_values, cache.sink_lengths, *sink_strides[:3], cache.sink_keys.shape[2],
         cache.middle_keys, *middle_key_strides[:2],
         cache.middle_values, *middle_value_strides[:3],
         cache.middle_start, cache.middle_len,
         cache.recent_keys, cache.recent_values, cache.recent_valid, *window_strides[:3], valid_strides[0],
         cache.recent_keys.shape[2],
+        *new_tensors, cache.recent_valid if new_valid is None else new_valid, *new_strides,
         layout.row_heads_table, layout.row_offsets_table, layout.channel_table, layout.value_rows,
         out_part, lse_part, *_partial_strides(out_part),
         scaling * _LOG2E, batch, split_tokens, middle_splits, tuning.full_split_tokens,

@@ -159,3 +159,33 @@ class PrunedKV(NamedTuple):
     @property
     def middle_len(self) -> int:
         return self.middle_valid.shape[1]
+
+
+class NewTokens(NamedTuple):
+    """This step's keys and values, handed to attention before they are stored.
+
+    The cache given with them has window slots for them (its last `Q`), not yet written: attention writes the tokens
+    there, with their flags, and attends over the window including them. The decode kernel does the write itself, so
+    eager decoding spends no launches per layer on it.
+
+    Attributes:
+        keys: `[B, H, Q, D]`.
+        values: `[B, H, Q, D]`.
+        valid: `[B, Q]` bool, False for padding; None when every token is real.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor | None
+
+    def write(self, cache: PrunedKV) -> None:
+        """Write the tokens into the last `Q` window slots of `cache` (what the kernel does as it attends)."""
+        count = self.keys.shape[2]
+        window = cache.recent_keys.shape[2]
+        cache.recent_keys.narrow(2, window - count, count).copy_(self.keys)
+        cache.recent_values.narrow(2, window - count, count).copy_(self.values)
+        flags = cache.recent_valid.narrow(1, window - count, count)
+        if self.valid is None:
+            flags.fill_(True)
+        else:
+            flags.copy_(self.valid)

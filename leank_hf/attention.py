@@ -65,10 +65,7 @@ def leank_attention_forward(
         )
         layer.commit(step, valid)
         return output, None
-    layer.stage(step, valid)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output = layer.attention(query, layer.view(), scaling)
-    layer.settle()
+    output = layer.attend(query, step, valid, scaling if scaling is not None else query.shape[-1] ** -0.5)
     return output.transpose(1, 2).contiguous(), None
 
 

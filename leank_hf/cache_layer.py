@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .kernels import ChannelLayout, LeanKAttention, PrunedKV
+from .kernels import ChannelLayout, LeanKAttention, NewTokens, PrunedKV
 from .memory import LayerMemory, held_bytes
 
 # Stores grow by this share of their size (rounded up to whole flush blocks): amortised O(1) copies per token,
 # while capacity reserved but not yet used stays around 6 % of what is held.
 _GROWTH_FRACTION = 1 / 16
+
+# Versions of a layer's stores, for the decode kernel's launch cache: unique across layers and resets.
+_STORE_VERSIONS = itertools.count()
 
 _NOT_LEANK_ATTENTION = (
     "a LeanKCache handed its keys to an attention function other than LeanK's. The model's attn_implementation "
@@ -24,7 +28,7 @@ _NOT_LEANK_ATTENTION = (
 class PendingStep:
     """This step's new keys and values, handed by `LeanKLayer.update` to the LeanK attention function.
 
-    The attention function stores them (`LeanKLayer.stage` before pruned attention, `commit` after the exact prefill),
+    The attention function stores them (`LeanKLayer.attend` as it attends, `commit` after the exact prefill),
     because only the attention mask it receives carries the padding of the new tokens.
     """
 
@@ -78,6 +82,7 @@ class LeanKLayer(CacheLayerMixin):
         self.middle_keys = self.middle_values = self.middle_valid = self.middle_start = None
         self._middle_has_holes = False
         self.recent_keys = self.recent_values = self.recent_valid = None
+        self._stores_changed(window=True)
 
     # ----------------------------------------------------------------------------------------------- HF API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -102,6 +107,7 @@ class LeanKLayer(CacheLayerMixin):
         self.recent_keys = torch.empty(batch, heads, 0, head_dim, **kv_kwargs)
         self.recent_values = torch.empty(batch, heads, 0, head_dim, **kv_kwargs)
         self.recent_valid = torch.empty(batch, 0, dtype=torch.bool, device=self.device)
+        self._stores_changed(window=True)
         self.is_initialized = True
 
     def update(
@@ -177,30 +183,48 @@ class LeanKLayer(CacheLayerMixin):
         pending = self._pending.keys.shape[2] if self._pending is not None else 0
         return self.seq_len - pending
 
+    @property
+    def stores_version(self) -> int:
+        """Changes whenever a store is replaced or the sink/middle change (what `LeanKDecoder` calls its
+        `cache_version`)."""
+        return self._stores_version
+
     def view(self) -> PrunedKV:
-        """The stored tokens as plain tensors (live slices, no copies)."""
-        sink, middle, window = self._sink_slots, self._middle, self._window
-        return PrunedKV(
-            sink_keys=self.sink_keys.narrow(2, 0, sink),
-            sink_values=self.sink_values.narrow(2, 0, sink),
-            sink_lengths=self.sink_lengths,
-            middle_keys=self.middle_keys.narrow(2, 0, middle),
-            middle_values=self.middle_values.narrow(2, 0, middle),
-            middle_valid=self.middle_valid.narrow(1, 0, middle),
-            middle_start=None if self._middle_has_holes else self.middle_start,
-            recent_keys=self.recent_keys.narrow(2, 0, window),
-            recent_values=self.recent_values.narrow(2, 0, window),
-            recent_valid=self.recent_valid.narrow(1, 0, window),
-            layout=self.layout,
-        )
+        """The stored tokens as plain tensors (live slices, no copies).
 
-    def stage(self, step: PendingStep, valid: torch.Tensor | None) -> None:
-        """Write `step`'s tokens at the end of the recent window, where attention reads them as this step's own.
+        Eager decoding calls this for every layer at every step, so the slices are kept until the stores change: the
+        sink and middle ones until the next flush, the window's per window length."""
+        stored = self._stored_view
+        if stored is None:
+            sink, middle = self._sink_slots, self._middle
+            stored = self._stored_view = (
+                self.sink_keys.narrow(2, 0, sink), self.sink_values.narrow(2, 0, sink), self.sink_lengths,
+                self.middle_keys.narrow(2, 0, middle), self.middle_values.narrow(2, 0, middle),
+                self.middle_valid.narrow(1, 0, middle), None if self._middle_has_holes else self.middle_start,
+            )  # fmt: skip
+        window = self._window_views.get(self._window)
+        if window is None:
+            length = self._window
+            window = self._window_views[length] = (
+                self.recent_keys.narrow(2, 0, length), self.recent_values.narrow(2, 0, length),
+                self.recent_valid.narrow(1, 0, length),
+            )  # fmt: skip
+        return PrunedKV(*stored, *window, self.layout)
 
-        `valid` `[B, Q]` is False for padding (None = all real). Call `settle` once attention is done.
-        """
+    def attend(
+        self, query: torch.Tensor, step: PendingStep, valid: torch.Tensor | None, scaling: float
+    ) -> torch.Tensor:
+        """Pruned attention of `query` `[B, Hq, Q, D]` over the stored tokens and `step`'s own, which go to the end of
+        the recent window as attention reads them (the decode kernel writes them itself); then the window gives up
+        its oldest tokens if it is full (`settle`). `valid` `[B, Q]` is False for padding (None = all real)."""
         self._take(step)
-        self._append_to_window(step.keys, step.values, valid)
+        count = step.keys.shape[2]
+        self._reserve_window(count)
+        self._window += count
+        new = NewTokens(step.keys, step.values, valid)
+        output = self.attention(query, self.view(), scaling, new, self._stores_version)
+        self.settle()
+        return output
 
     def settle(self) -> None:
         """After attention: once the window reaches `recent + block_size`, all but its latest `recent` tokens leave."""
@@ -213,20 +237,23 @@ class LeanKLayer(CacheLayerMixin):
         # Keep the latest `recent` tokens at the front, in a buffer no larger than the window ever needs between
         # steps (a long chunked-prefill step may have grown it).
         capacity = min(self.recent_keys.shape[2], self._window_capacity)
+        shrinks = self.recent_keys.shape[2] > capacity
         for name in ("recent_keys", "recent_values", "recent_valid"):
             tensor = getattr(self, name)
             axis = 2 if tensor.ndim == 4 else 1  # tokens: [B, H, W, D] keys/values, [B, W] flags
             kept = tensor.narrow(axis, leaving, self.recent).clone()
-            if tensor.shape[axis] > capacity:
+            if shrinks:
                 shape = list(tensor.shape)
                 shape[axis] = capacity
                 tensor = tensor.new_empty(shape)
             tensor.narrow(axis, 0, self.recent).copy_(kept)
             setattr(self, name, tensor)
+        if shrinks:
+            self._stores_changed(window=True)
         self._window = self.recent
 
     def commit(self, step: PendingStep, valid: torch.Tensor | None) -> None:
-        """Store a step whose attention ran elsewhere (the exact prefill); same result as `stage` then `settle`.
+        """Store a step whose attention ran elsewhere (the exact prefill); same stores as `attend` leaves.
 
         Into an empty window, the tokens that would leave it at once go straight to the sink and middle stores, so a
         long prompt is never copied into the window first (less time, and less memory at the prefill's peak).
@@ -246,26 +273,33 @@ class LeanKLayer(CacheLayerMixin):
         self._pending = None
 
     def _append_to_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
-        start, end = self._window, self._window + keys.shape[2]
-        needed = max(end, self._window_capacity)  # the most the window holds between steps, allocated once
-        self.recent_keys = _grown(self.recent_keys, 2, start, needed, self.block_size)
-        self.recent_values = _grown(self.recent_values, 2, start, needed, self.block_size)
-        self.recent_valid = _grown(self.recent_valid, 1, start, needed, self.block_size)
-        # narrow + copy_/fill_ rather than slice assignment: this runs for every layer at every step, and indexing
-        # costs a few microseconds of host time more per call.
-        self.recent_keys.narrow(2, start, end - start).copy_(keys)
-        self.recent_values.narrow(2, start, end - start).copy_(values)
-        flags = self.recent_valid.narrow(1, start, end - start)
-        if valid is None:  # all real: nothing to allocate
-            flags.fill_(True)
-        else:
-            flags.copy_(valid)
-        self._window = end
+        self._reserve_window(keys.shape[2])
+        self._window += keys.shape[2]
+        NewTokens(keys, values, valid).write(self.view())
+
+    def _reserve_window(self, count: int) -> None:
+        """Room for `count` more tokens in the window stores, allocated once for what the window holds between
+        steps (a long multi-token step may grow them)."""
+        needed = max(self._window + count, self._window_capacity)
+        if needed > self.recent_keys.shape[2]:
+            self.recent_keys = _grown(self.recent_keys, 2, self._window, needed, self.block_size)
+            self.recent_values = _grown(self.recent_values, 2, self._window, needed, self.block_size)
+            self.recent_valid = _grown(self.recent_valid, 1, self._window, needed, self.block_size)
+            self._stores_changed(window=True)
+
+    def _stores_changed(self, window: bool = False) -> None:
+        """Forget the cached views once the sink or middle changed, or a store was replaced (`window`: a window store
+        too), and take a new version, which tells the decode kernel to read the stores' strides again."""
+        self._stored_view = None
+        if window:
+            self._window_views: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._stores_version = next(_STORE_VERSIONS)
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Move tokens `[B, H, n, D]` out of the window:
 
         a row's first `sink` real tokens to its sink, others to the middle store."""
+        self._stores_changed()
         rank = self.sink_lengths.unsqueeze(1) + valid.long().cumsum(1) - 1  # real-token rank within the row
         to_sink = valid & (rank < self.sink)
         to_middle = valid & ~to_sink
@@ -319,6 +353,7 @@ class LeanKLayer(CacheLayerMixin):
             "recent_keys", "recent_values", "recent_valid",
         ):  # fmt: skip
             setattr(self, name, fn(getattr(self, name)))
+        self._stores_changed(window=True)
         self.batch_size = self.sink_lengths.shape[0]
         self._sink_slots = int(self.sink_lengths.max()) if self.batch_size else 0
 

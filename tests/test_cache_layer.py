@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers.masking_utils import sdpa_mask
 
 from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
+from leank_hf.kernels import LeanKAttention
 from leank_hf.kernels import layout as layout_module
 from leank_hf.memory import held_bytes
 
@@ -98,6 +101,52 @@ def test_layer_attention_matches_dense_definition(sink, recent, block, steps, pa
         # Padding queries have no defined output; compare real ones.
         rows = query_valid[:, None, :].expand(-1, hq, -1)
         assert_close(output[rows], expected[rows], dtype)
+
+
+KERNEL_CASES = [
+    # (sink, recent, block, steps, left padding per row, q heads, kv heads, head_dim): kept counts in multiples of 16
+    pytest.param(4, 8, 4, [20] + [1] * 30, [0], 4, 2, 32, id="bs1-gqa2"),
+    pytest.param(4, 8, 4, [21] + [1] * 25, [0, 3, 9], 8, 2, 32, id="left-pad-longer-than-sink"),
+    pytest.param(3, 5, 3, [7, 1, 1, 4, 1, 1, 9, 1, 1, 1], [2, 0], 4, 2, 32, id="multi-token-steps-between"),
+    pytest.param(8, 16, 8, [5] + [1] * 30, [0, 2], 4, 2, 32, id="short-prompt-fills-sink-while-decoding"),
+    pytest.param(0, 6, 2, [13] + [1] * 12, [0, 5], 8, 1, 16, id="no-sink-mqa"),
+]
+
+
+@pytest.mark.parametrize(("sink", "recent", "block", "steps", "pads", "hq", "h", "d"), KERNEL_CASES)
+def test_layer_attention_through_the_decode_kernel_matches_dense_definition(
+    sink, recent, block, steps, pads, hq, h, d, monkeypatch
+):  # fmt: skip
+    """One-token steps go through the Triton decode kernel (Triton's interpreter on the CPU), which writes the step's
+    token into the window itself and is told by the layer's stores version when to read the stores again. Then a
+    beam reorder, and more steps."""
+    pytest.importorskip("triton")
+    from leank_hf.kernels import decode
+
+    monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
+    decoder_calls = []
+    call = decode.LeanKDecoder.__call__
+    monkeypatch.setattr(decode.LeanKDecoder, "__call__", lambda *a, **k: decoder_calls.append(1) or call(*a, **k))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16  # the interpreter emulates bf16 wrongly (see test_triton_decode)
+    generator = torch.Generator().manual_seed(hash((sink, recent, block, len(steps), hq, d)) % 2**31)
+    layer = LeanKLayer(random_mask(h, d, 16, generator, prune_head=0 if h > 1 else None), sink, recent, block)
+    for _, output, expected, query_valid in drive_layer(layer, steps, pads, hq, d, dtype, generator, device):
+        rows = query_valid[:, None, :].expand(-1, hq, -1)
+        assert_close(output[rows], expected[rows], dtype)
+    assert len(decoder_calls) == sum(n == 1 for n in steps[1:])
+    # A beam reorder, then one more step: the same as the step on the rows before the reorder, reordered.
+    original = copy.deepcopy(layer)
+    original.attention.kernel_devices = ()  # the PyTorch path
+    order = torch.arange(len(pads) - 1, -1, -1, device=device)
+    layer.reorder_cache(order)
+    query = torch.randn(len(pads), hq, 1, d, generator=generator).to(device, dtype)
+    keys, values = (torch.randn(len(pads), h, 1, d, generator=generator).to(device, dtype) for _ in "kv")
+    step, _ = original.update(keys, values)
+    expected = original.attend(query, step, None, d**-0.5)
+    step, _ = layer.update(keys[order], values[order])
+    assert_close(layer.attend(query[order], step, None, d**-0.5), expected[order], dtype)
+    assert len(decoder_calls) == sum(n == 1 for n in steps[1:]) + 1
 
 
 def test_fully_pruned_head_drops_middle_tokens_and_their_values():

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from leank_hf.kernels import ChannelLayout, PrunedKV, leank_attention_reference
+from leank_hf.kernels import ChannelLayout, NewTokens, PrunedKV, leank_attention_reference
 from leank_hf.kernels.decode import DecodeTuning, LeanKDecoder, leank_decode_triton, supports
 
 from .test_cache_layer import random_mask
@@ -103,6 +103,57 @@ def test_kernel_matches_reference(batch, hq, h, d, align, sink, middle, window, 
     out = leank_decode_triton(query, cache, scaling)
     assert out.shape == query.shape and out.dtype == dtype
     assert_close(out, reference(query, cache, scaling), dtype)
+
+
+def window_copies(cache: PrunedKV) -> PrunedKV:
+    return cache._replace(**{f: getattr(cache, f).clone() for f in ("recent_keys", "recent_values", "recent_valid")})
+
+
+@pytest.mark.parametrize(("batch", "hq", "h", "d", "align", "sink", "middle", "window"), SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padded", [False, True], ids=["all-real", "some-rows-padding"])
+def test_kernel_writes_this_steps_token_as_it_attends(batch, hq, h, d, align, sink, middle, window, dtype, padded):
+    """Given `new`, the window's last slot is not written yet (here: NaN keys and values, the wrong flag). The kernel
+    must attend as the reference does once `NewTokens.write` has stored the token, and leave the window exactly as
+    that write does. New values are strided as transformers' projections give them (heads not outermost)."""
+    seed = hash((batch, hq, h, d, sink, middle, window, padded)) % 2**31
+    cache = random_cache(batch, h, d, align, sink, middle, window, dtype, seed, prune_head=0 if h > 1 else None)
+    gen = torch.Generator().manual_seed(seed + 1)
+    query = torch.randn(batch, hq, 1, d, generator=gen).to(DEVICE, dtype)
+    keys = torch.randn(batch, h, 1, d, generator=gen).to(DEVICE, dtype)
+    values = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    valid = (torch.arange(batch) % 2 == 0)[:, None].to(DEVICE) if padded else None
+    new = NewTokens(keys, values, valid)
+    written = window_copies(cache)
+    new.write(written)
+    unwritten = window_copies(cache)
+    unwritten.recent_keys[:, :, -1] = float("nan")
+    unwritten.recent_values[:, :, -1] = float("nan")
+    unwritten.recent_valid[:, -1] = ~written.recent_valid[:, -1]
+    out = leank_decode_triton(query, unwritten, 0.1, new=new)
+    assert_close(out, reference(query, written, 0.1), dtype)
+    for field in ("recent_keys", "recent_values", "recent_valid"):
+        assert torch.equal(getattr(unwritten, field), getattr(written, field)), field
+
+
+def test_decoder_reads_the_cache_again_only_when_its_version_changes(monkeypatch):
+    """With `cache_version`, the cache's strides are read once per version: steps whose tokens grow inside the same
+    stores reuse them, and stores reallocated under a new version are read again (and decoded right)."""
+    from leank_hf.kernels import decode
+
+    reads = []
+    signature = decode._cache_signature
+    monkeypatch.setattr(decode, "_cache_signature", lambda cache: reads.append(1) or signature(cache))
+    dtype = DTYPES[-1]
+    full = random_cache(2, 2, 64, 16, 6, 300, 60, dtype, seed=45)
+    gen = torch.Generator().manual_seed(46)
+    decoder = LeanKDecoder(DecodeTuning(block_n=16, min_split_tokens=32))
+    steps = [(sliced(full, 6, 100, 10), 1), (sliced(full, 6, 100, 11), 1), (sliced(full, 6, 200, 12), 1)]
+    steps += [(with_middle_capacity(sliced(full, 6, 200, 13), 400), 2), (sliced(full, 6, 250, 14), 3)]
+    for cache, version in steps:
+        query = torch.randn(2, 4, 1, 64, generator=gen).to(DEVICE, dtype)
+        assert_close(decoder(query, cache, 0.1, cache_version=version), reference(query, cache, 0.1), dtype)
+    assert len(reads) == 3
 
 
 TUNINGS = [
