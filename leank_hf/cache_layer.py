@@ -82,6 +82,9 @@ class LeanKLayer(CacheLayerMixin):
         self.middle_keys = self.middle_values = self.middle_valid = self.middle_start = None
         self._middle_has_holes = False
         self.recent_keys = self.recent_values = self.recent_valid = None
+        # Host-side knowledge that lets a flush skip reading its decisions back from the GPU:
+        self._sinks_full = self.sink == 0  # every row's sink holds `sink` tokens
+        self._real_run = 0  # the latest tokens stored without padding flags (the window's, if >= its length)
         self._stores_changed(window=True)
 
     # ----------------------------------------------------------------------------------------------- HF API
@@ -159,6 +162,7 @@ class LeanKLayer(CacheLayerMixin):
                 "decoding strategies that roll back further."
             )
         self._window -= count
+        self._real_run = max(0, self._real_run - count)
         self.seq_len -= count
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -218,9 +222,7 @@ class LeanKLayer(CacheLayerMixin):
         the recent window as attention reads them (the decode kernel writes them itself); then the window gives up
         its oldest tokens if it is full (`settle`). `valid` `[B, Q]` is False for padding (None = all real)."""
         self._take(step)
-        count = step.keys.shape[2]
-        self._reserve_window(count)
-        self._window += count
+        self._open_window_slots(step.keys.shape[2], valid)
         new = NewTokens(step.keys, step.values, valid)
         output = self.attention(query, self.view(), scaling, new, self._stores_version)
         self.settle()
@@ -231,9 +233,11 @@ class LeanKLayer(CacheLayerMixin):
         if self._window < self.recent + self.block_size:
             return
         leaving = self._window - self.recent
+        all_real = self._real_run >= self._window  # every token in the window was stored without padding flags
         self._flush(
-            self.recent_keys[:, :, :leaving], self.recent_values[:, :, :leaving], self.recent_valid[:, :leaving]
-        )
+            self.recent_keys[:, :, :leaving], self.recent_values[:, :, :leaving],
+            None if all_real else self.recent_valid[:, :leaving],
+        )  # fmt: skip
         # Keep the latest `recent` tokens at the front, in a buffer no larger than the window ever needs between
         # steps (a long chunked-prefill step may have grown it).
         capacity = min(self.recent_keys.shape[2], self._window_capacity)
@@ -259,11 +263,12 @@ class LeanKLayer(CacheLayerMixin):
         long prompt is never copied into the window first (less time, and less memory at the prefill's peak).
         """
         self._take(step)
-        keys, values, valid = step.keys, step.values, _validity(valid, step.keys)
+        keys, values = step.keys, step.values
         if self._window == 0 and keys.shape[2] >= self.recent + self.block_size:
             leaving = keys.shape[2] - self.recent
-            self._flush(keys[:, :, :leaving], values[:, :, :leaving], valid[:, :leaving])
-            keys, values, valid = keys[:, :, leaving:], values[:, :, leaving:], valid[:, leaving:]
+            self._flush(keys[:, :, :leaving], values[:, :, :leaving], None if valid is None else valid[:, :leaving])
+            keys, values = keys[:, :, leaving:], values[:, :, leaving:]
+            valid = None if valid is None else valid[:, leaving:]
         self._append_to_window(keys, values, valid)
         self.settle()
 
@@ -273,19 +278,22 @@ class LeanKLayer(CacheLayerMixin):
         self._pending = None
 
     def _append_to_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
-        self._reserve_window(keys.shape[2])
-        self._window += keys.shape[2]
+        self._open_window_slots(keys.shape[2], valid)
         NewTokens(keys, values, valid).write(self.view())
 
-    def _reserve_window(self, count: int) -> None:
-        """Room for `count` more tokens in the window stores, allocated once for what the window holds between
-        steps (a long multi-token step may grow them)."""
+    def _open_window_slots(self, count: int, valid: torch.Tensor | None) -> None:
+        """Count `count` more tokens into the window, at its end (the caller writes them); `valid` their flags.
+
+        The window stores are allocated once for what the window holds between steps (a long multi-token step may
+        grow them)."""
+        self._real_run = self._real_run + count if valid is None else 0
         needed = max(self._window + count, self._window_capacity)
         if needed > self.recent_keys.shape[2]:
             self.recent_keys = _grown(self.recent_keys, 2, self._window, needed, self.block_size)
             self.recent_values = _grown(self.recent_values, 2, self._window, needed, self.block_size)
             self.recent_valid = _grown(self.recent_valid, 1, self._window, needed, self.block_size)
             self._stores_changed(window=True)
+        self._window += count
 
     def _stores_changed(self, window: bool = False) -> None:
         """Forget the cached views once the sink or middle changed, or a store was replaced (`window`: a window store
@@ -295,18 +303,28 @@ class LeanKLayer(CacheLayerMixin):
             self._window_views: dict[int, tuple[torch.Tensor, ...]] = {}
         self._stores_version = next(_STORE_VERSIONS)
 
-    def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """Move tokens `[B, H, n, D]` out of the window:
-
-        a row's first `sink` real tokens to its sink, others to the middle store."""
+    def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Move tokens `[B, H, n, D]` out of the window: a row's first `sink` real tokens to its sink, others to the
+        middle store. `valid` `[B, n]`; None when every token is real."""
         self._stores_changed()
+        if valid is None and self._sinks_full:
+            # What decoding does every `block_size` steps: every token goes to the middle, known on the host. (The
+            # general path below reads its decisions back from the GPU, which stalls the host once per layer.)
+            self._append_middle(keys, values, None)
+            return
+        valid = _validity(valid, keys)
         rank = self.sink_lengths.unsqueeze(1) + valid.long().cumsum(1) - 1  # real-token rank within the row
         to_sink = valid & (rank < self.sink)
         to_middle = valid & ~to_sink
         has_middle = to_middle.any(0)
+        sink_lengths = self.sink_lengths + to_sink.sum(1)
         # One device-to-host read for the decisions below.
-        decisions = (to_sink.any(), has_middle.any(), has_middle.long().argmax(), self._makes_hole(to_middle))
-        any_sink, any_middle, first, hole = torch.stack([d.long() for d in decisions]).tolist()
+        decisions = (
+            to_sink.any(), has_middle.any(), has_middle.long().argmax(), self._makes_hole(to_middle),
+            sink_lengths.max(), sink_lengths.min() >= self.sink,
+        )  # fmt: skip
+        any_sink, any_middle, first, hole, sink_slots, sinks_full = torch.stack([d.long() for d in decisions]).tolist()
+        self._sinks_full = bool(sinks_full)
         if self.sink and any_sink:
             if self.sink_keys.shape[2] == 0:
                 # Zeros, not empty: rows with fewer sink tokens than others read unfilled slots (with zero weight).
@@ -316,21 +334,32 @@ class LeanKLayer(CacheLayerMixin):
             slots = rank[rows, cols]
             self.sink_keys[rows, :, slots] = keys[rows, :, cols]
             self.sink_values[rows, :, slots] = values[rows, :, cols]
-            self.sink_lengths += to_sink.sum(1)
-            self._sink_slots = int(self.sink_lengths.max())
-        if self.layout.packed_channels == 0 or not any_middle:
-            return  # every head prunes everything (nothing would ever read these tokens), or no middle token
+            self.sink_lengths = sink_lengths
+            self._sink_slots = sink_slots
+        if not any_middle:
+            return
         # Leading columns that are sink or padding in every row are not stored.
-        keys, values, to_middle = keys[:, :, first:], values[:, :, first:], to_middle[:, first:]
+        start = self._middle
+        self._append_middle(keys[:, :, first:], values[:, :, first:], to_middle[:, first:])
+        leading_invalid = (~to_middle[:, first:]).long().cumprod(1).sum(1)
+        self.middle_start = torch.where(self.middle_start == start, start + leading_invalid, self.middle_start)
+        self._middle_has_holes = self._middle_has_holes or bool(hole)
+
+    def _append_middle(self, keys: torch.Tensor, values: torch.Tensor, to_middle: torch.Tensor | None) -> None:
+        """Store tokens `[B, H, n, D]` at the end of the middle stores; `to_middle` `[B, n]` flags the real ones (None:
+        all). Nothing is stored when every head prunes every channel: nothing would ever read these tokens."""
+        if self.layout.packed_channels == 0:
+            return
         start, end = self._middle, self._middle + keys.shape[2]
         self.middle_keys = _grown(self.middle_keys, 2, start, end, self.block_size)
         self.middle_values = _grown(self.middle_values, 2, start, end, self.block_size)
         self.middle_valid = _grown(self.middle_valid, 1, start, end, self.block_size)
         self.layout.write_middle(keys, values, self.middle_keys[:, :, start:end], self.middle_values[:, :, start:end])
-        self.middle_valid[:, start:end] = to_middle
-        leading_invalid = (~to_middle).long().cumprod(1).sum(1)
-        self.middle_start = torch.where(self.middle_start == start, start + leading_invalid, self.middle_start)
-        self._middle_has_holes = self._middle_has_holes or bool(hole)
+        flags = self.middle_valid.narrow(1, start, end - start)
+        if to_middle is None:
+            flags.fill_(True)
+        else:
+            flags.copy_(to_middle)
         self._middle = end
 
     def _makes_hole(self, to_middle: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,12 @@ def drive_layer(
     dtype: torch.dtype,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    skip_causal_mask: bool = True,
 ):
-    """Feed random steps through `layer` via the attention function; yield (step, output, expected, query_valid)."""
+    """Feed random steps through `layer` via the attention function; yield (step, output, expected, query_valid).
+
+    Masks are what transformers builds for SDPA: None where causality alone describes the step and nothing is padded
+    (`skip_causal_mask`, as in `generate`), else a boolean mask."""
     batch, heads = len(left_pad), layer.channel_mask.shape[0]
     total = sum(step_lengths)
     keys = torch.randn(batch, heads, total, head_dim, generator=generator).to(device, dtype)
@@ -68,7 +72,7 @@ def drive_layer(
         step, _ = layer.update(keys[:, :, start:end], values[:, :, start:end], 0)
         mask = sdpa_mask(
             batch_size=batch, q_length=n, kv_length=end, q_offset=start, attention_mask=valid[:, :end],
-            allow_is_causal_skip=False, device=device,
+            allow_is_causal_skip=skip_causal_mask, device=device,
         )  # fmt: skip
         output, weights = leank_attention_forward(module, queries[:, :, start:end], step, step, mask, scaling=scaling)
         assert weights is None
@@ -93,11 +97,15 @@ CASES = [
 
 @pytest.mark.parametrize(("sink", "recent", "block", "steps", "pads", "hq", "h", "d", "align"), CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_attention_matches_dense_definition(sink, recent, block, steps, pads, hq, h, d, align, dtype):
+@pytest.mark.parametrize("skip_causal_mask", [True, False], ids=["masks-as-generate", "masks-always"])
+def test_layer_attention_matches_dense_definition(
+    sink, recent, block, steps, pads, hq, h, d, align, dtype, skip_causal_mask
+):  # fmt: skip
     generator = torch.Generator().manual_seed(hash((sink, recent, block, len(steps), hq, d)) % 2**31)
     mask = random_mask(h, d, align, generator, prune_head=0 if h > 1 else None)
     layer = LeanKLayer(mask, sink=sink, recent=recent, block_size=block)
-    for _, output, expected, query_valid in drive_layer(layer, steps, pads, hq, d, dtype, generator):
+    drive = drive_layer(layer, steps, pads, hq, d, dtype, generator, skip_causal_mask=skip_causal_mask)
+    for _, output, expected, query_valid in drive:
         # Padding queries have no defined output; compare real ones.
         rows = query_valid[:, None, :].expand(-1, hq, -1)
         assert_close(output[rows], expected[rows], dtype)
@@ -147,6 +155,25 @@ def test_layer_attention_through_the_decode_kernel_matches_dense_definition(
     step, _ = layer.update(keys[order], values[order])
     assert_close(layer.attend(query[order], step, None, d**-0.5), expected[order], dtype)
     assert len(decoder_calls) == sum(n == 1 for n in steps[1:]) + 1
+
+
+def test_decode_flushes_without_padding_read_nothing_back_from_the_gpu(monkeypatch):
+    """Once every row's sink is full, tokens stored without padding flags all go to the middle: the flush decides on
+    the host, reading nothing back from the GPU; with padding every flush does. Outputs match the dense definition
+    either way."""
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda tensor: reads.append(1) or tolist(tensor))
+    generator = torch.Generator().manual_seed(9)
+    for pads, decode_flushes_reading in (([0, 0], 0), ([0, 3], 7)):  # 28 steps, a flush every 4
+        layer = LeanKLayer(random_mask(2, 32, 8, generator), sink=4, recent=8, block_size=4)
+        for step, output, expected, query_valid in drive_layer(layer, [20] + [1] * 28, pads, 4, 32, torch.float32,
+                                                               generator):  # fmt: skip
+            rows = query_valid[:, None, :].expand(-1, 4, -1)
+            assert_close(output[rows], expected[rows], torch.float32)
+            if step == 0:
+                reads.clear()  # the prefill's
+        assert len(reads) == decode_flushes_reading, pads
 
 
 def test_fully_pruned_head_drops_middle_tokens_and_their_values():
