@@ -382,9 +382,9 @@ class LeanKLayer(CacheLayerMixin):
             "recent_keys", "recent_values", "recent_valid",
         ):  # fmt: skip
             setattr(self, name, fn(getattr(self, name)))
-        self._stores_changed(window=True)
         self.batch_size = self.sink_lengths.shape[0]
         self._sink_slots = int(self.sink_lengths.max()) if self.batch_size else 0
+        self._stores_changed(window=True)
 
     # --------------------------------------------------------------------------------------------- memory
     def memory(self, layer_idx: int) -> LayerMemory:
