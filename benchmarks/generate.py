@@ -2,8 +2,9 @@
 
 For each cache and each SDPA backend (`--sdpa-backends`; prefill attends through SDPA with either cache, decode too
 with DynamicCache): KV/activation peak memory above the weights, prefill time, decode tokens/s (all rows, 128 new
-tokens forced), and optionally the largest batch that fits. The summary compares the fastest setup (SDPA backend) of
-each cache.
+tokens forced), and optionally the largest batch that fits. Decode is timed inside the one generate call on the GPU's
+clock (`StepClock`: an event each time generate scores a token), so host-bound gaps count and no prefill-only run is
+subtracted. The summary compares the fastest setup (SDPA backend) of each cache.
 PyTorch's default dispatch picks cuDNN attention on an H100, which builds a new execution plan for every new key
 length, so every decode step of a DynamicCache pays for plans; forcing flash attention avoids that, and the fastest
 run is the baseline. Random weights make the text meaningless but the work real. Decoding here is host-bound and
