@@ -145,8 +145,12 @@ class LeanKLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._clear()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last `-tokens_to_remove` tokens; only tokens still in the full-width recent window can go."""
+    def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
+        """Remove the last `-tokens_to_remove` tokens; only tokens still in the full-width recent window can go.
+
+        Assisted decoding in some transformers versions passes a 0-d tensor: it is read as an int, so that lengths
+        stay host ints (a tensor would be changed in place by later `+=` and `-=`)."""
+        tokens_to_remove = int(tokens_to_remove)
         if tokens_to_remove > 0:
             raise ValueError(
                 f"crop takes a negative number of tokens to remove, got {tokens_to_remove}; to keep the first N tokens "
