@@ -244,15 +244,14 @@ class LeanKLayer(CacheLayerMixin):
         )  # fmt: skip
         # Keep the latest `recent` tokens at the front, in a buffer no larger than the window ever needs between
         # steps (a long chunked-prefill step may have grown it).
-        capacity = min(self.recent_keys.shape[2], self._window_capacity)
-        shrinks = self.recent_keys.shape[2] > capacity
+        shrinks = self.recent_keys.shape[2] > self._window_capacity
         for name in ("recent_keys", "recent_values", "recent_valid"):
             tensor = getattr(self, name)
             axis = 2 if tensor.ndim == 4 else 1  # tokens: [B, H, W, D] keys/values, [B, W] flags
             kept = tensor.narrow(axis, leaving, self.recent).clone()
             if shrinks:
                 shape = list(tensor.shape)
-                shape[axis] = capacity
+                shape[axis] = self._window_capacity
                 tensor = tensor.new_empty(shape)
             tensor.narrow(axis, 0, self.recent).copy_(kept)
             setattr(self, name, tensor)
