@@ -155,7 +155,7 @@ def _leank_decode_kernel(
     SinkK, SinkV, SinkLen, stride_sb, stride_sh, stride_sn, sink_slots,
     MidK, stride_mkb, stride_mkc,
     MidV, stride_mvb, stride_mvh, stride_mvn,
-    MidStart, middle_len,
+    MidStart, MidLen, middle_len,
     WinK, WinV, WinValid, stride_wb, stride_wh, stride_wn, stride_wvalb, window_len,
     NewK, NewV, NewValid, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     RowHeads, RowOffsets, ChannelTable, num_rows,
@@ -163,7 +163,7 @@ def _leank_decode_kernel(
     qk_scale, batch, split_tokens, middle_splits, full_split_tokens,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     CHUNK: tl.constexpr, KMAX: tl.constexpr, BLOCK_N: tl.constexpr, LET_MERGE_START: tl.constexpr,
-    NEW_TOKEN: tl.constexpr, NEW_VALID: tl.constexpr,
+    NEW_TOKEN: tl.constexpr, NEW_VALID: tl.constexpr, MIDDLE_LENGTH_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if LET_MERGE_START:  # the merge may launch once every program has started (it waits for their results)
@@ -185,6 +185,8 @@ def _leank_decode_kernel(
         head_start = tl.multiple_of(tl.load(RowOffsets + row), CHUNK)
         kept = tl.load(RowOffsets + row + 1) - head_start
         row_start = tl.load(MidStart + b)
+        if MIDDLE_LENGTH_ON_DEVICE:  # the stores' capacity planned the grid; the stored length is read here
+            middle_len = tl.load(MidLen).to(tl.int32)
         heads = h * GROUP + offs_g
         q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
         first = tl.maximum(split * split_tokens, row_start // BLOCK_N * BLOCK_N)  # skip tiles with no real token
@@ -505,6 +507,7 @@ class LeanKDecoder:
             "GROUP_PAD": max(16, 1 << (num_q_heads // num_heads - 1).bit_length()), "D": head_dim,
             "CHUNK": cache.layout.chunk, "KMAX": cache.layout.max_kept, "BLOCK_N": self.tuning.block_n,
             "LET_MERGE_START": dependent_launch, "NEW_TOKEN": new is not None, "NEW_VALID": new_valid is not None,
+            "MIDDLE_LENGTH_ON_DEVICE": cache.middle_length is not None,
         }  # fmt: skip
         self._options = {"num_warps": self.tuning.num_warps, "num_stages": self.tuning.num_stages}
 
@@ -536,10 +539,12 @@ def _cache_signature(cache: PrunedKV) -> tuple[tuple, tuple]:
         cache.middle_start, cache.recent_keys, cache.recent_values, cache.recent_valid,
     )  # fmt: skip
     strides = tuple(tensor.stride() for tensor in tensors)
+    length = cache.middle_length
     return strides, (
         id(cache.layout),
         strides,
         tuple((tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in tensors),
+        None if length is None else (length.dtype, length.data_ptr() % 16 == 0),
     )
 
 
@@ -587,7 +592,8 @@ def _split_args(
         cache.sink_keys, cache.sink_values, cache.sink_lengths, *sink_strides[:3], cache.sink_keys.shape[2],
         cache.middle_keys, *middle_key_strides[:2],
         cache.middle_values, *middle_value_strides[:3],
-        cache.middle_start, cache.middle_len,
+        cache.middle_start, cache.middle_start if cache.middle_length is None else cache.middle_length,
+        cache.middle_len,
         cache.recent_keys, cache.recent_values, cache.recent_valid, *window_strides[:3], valid_strides[0],
         cache.recent_keys.shape[2],
         *new_tensors, cache.recent_valid if new_valid is None else new_valid, *new_strides,

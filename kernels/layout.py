@@ -105,13 +105,16 @@ class ChannelLayout:
         In blocks of `_WRITE_BLOCK` tokens, a few operations each whatever the number of heads (a decode step's flush
         is one block), and what a prefill holds beside its own keys is one block's kept keys and values.
         """
-        batch, tokens = keys.shape[0], keys.shape[2]
-        for start in range(0, tokens, _WRITE_BLOCK):
+        for start in range(0, keys.shape[2], _WRITE_BLOCK):
             block = slice(start, start + _WRITE_BLOCK)
-            # Two advanced indices split by a slice put the kept channels first: [C, B, n].
-            kept = keys[:, self.lane_heads, block, self.lane_channels]
-            key_store[:, :, block] = kept.view(self.num_chunks, self.chunk, batch, -1).permute(2, 0, 3, 1)
+            key_store[:, :, block] = self.pruned_keys(keys[:, :, block])
             value_store[:, :, block] = values[:, self.value_heads, block]
+
+    def pruned_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """The kept channels of keys `[B, H, n, D]`, as the middle-key store holds them: `[B, chunks, n, chunk]`."""
+        # Two advanced indices split by a slice put the kept channels first: [C, B, n].
+        kept = keys[:, self.lane_heads, :, self.lane_channels]
+        return kept.view(self.num_chunks, self.chunk, keys.shape[0], keys.shape[2]).permute(2, 0, 3, 1)
 
 
 def _padded_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -142,6 +145,9 @@ class PrunedKV(NamedTuple):
         recent_values: `[B, H, W, D]`.
         recent_valid: `[B, W]` bool.
         layout: the layer's `ChannelLayout`.
+        middle_length: `[]` int on the stores' device, or None. When given, only middle slots `[0, middle_length)`
+            are stored tokens (`middle_valid` says the same); the middle tensors are the stores' whole capacity, so
+            shapes stay fixed while lengths change on the device (what a CUDA graph needs). None: every slot is.
     """
 
     sink_keys: torch.Tensor
@@ -155,6 +161,7 @@ class PrunedKV(NamedTuple):
     recent_values: torch.Tensor
     recent_valid: torch.Tensor
     layout: ChannelLayout
+    middle_length: torch.Tensor | None = None
 
     @property
     def middle_len(self) -> int:

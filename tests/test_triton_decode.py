@@ -136,6 +136,25 @@ def test_kernel_writes_this_steps_token_as_it_attends(batch, hq, h, d, align, si
         assert torch.equal(getattr(unwritten, field), getattr(written, field)), field
 
 
+@pytest.mark.parametrize(("batch", "hq", "h", "d", "align", "sink", "middle", "window"), SHAPES)
+def test_middle_length_read_on_the_device(batch, hq, h, d, align, sink, middle, window):
+    """With `middle_length`, the middle tensors are the stores' capacity and only slots below the length (a device
+    scalar) are read: slots past it hold NaN here, so reading one cannot pass. Lengths shorter than some rows'
+    `middle_start`, zero, and the whole capacity included; one decoder follows the length as it changes."""
+    seed = hash((batch, hq, h, d, sink, middle, window, "length")) % 2**31
+    cache = random_cache(batch, h, d, align, sink, middle + 40, window, torch.float16, seed)
+    query = torch.randn(batch, hq, 1, d, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.float16)
+    decoder = LeanKDecoder()
+    for length in sorted({0, middle // 3, middle, middle + 40}):
+        stored = sliced(cache, sink, length, window)
+        expected = reference(query, stored, 0.125)
+        poisoned = cache._replace(middle_keys=cache.middle_keys.clone(), middle_values=cache.middle_values.clone())
+        poisoned.middle_keys[:, :, length:] = float("nan")
+        poisoned.middle_values[:, :, length:] = float("nan")
+        on_device = poisoned._replace(middle_length=torch.tensor(length, device=DEVICE))
+        assert_close(decoder(query, on_device, 0.125), expected, torch.float16)
+
+
 def test_decoder_reads_the_cache_again_only_when_its_version_changes(monkeypatch):
     """With `cache_version`, the cache's strides are read once per version: steps whose tokens grow inside the same
     stores reuse them, and stores reallocated under a new version are read again (and decoded right)."""
@@ -272,6 +291,23 @@ def test_replayed_cuda_graph_matches_reference():
             tensor.normal_()
         graph.replay()
         assert_close(out, reference(query, cache, 128**-0.5), torch.bfloat16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+def test_replayed_cuda_graph_follows_the_middle_length_on_the_device():
+    """Captured at one stored length, replayed at others set in place: what a compiled decode step relies on."""
+    cache = random_cache(2, 8, 128, 32, 64, 3000, 320, torch.bfloat16, seed=37)
+    length = torch.tensor(1000, device=DEVICE)
+    on_device = cache._replace(middle_length=length)
+    query = torch.randn(2, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    leank_decode_triton(query, on_device, 128**-0.5)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = leank_decode_triton(query, on_device, 128**-0.5)
+    for stored in (0, 1000, 2047, 3000):
+        length.fill_(stored)
+        graph.replay()
+        assert_close(out, reference(query, sliced(cache, 64, stored, 320), 128**-0.5), torch.bfloat16)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compilation happens only with the compiled kernel")
