@@ -13,6 +13,7 @@ from .architectures import LEANK_LAYER_TYPE, ModelSpec
 from .cache_layer import LeanKLayer
 from .masks import LeanKMasks, validate_windows
 from .memory import LayerMemory, MemoryReport, held_bytes
+from .static_layer import StaticLeanKLayer
 
 
 class LeanKCache(Cache):
@@ -28,6 +29,10 @@ class LeanKCache(Cache):
         sink: override `masks.sink` for this cache.
         recent: override `masks.recent` for this cache.
         block_size: override `masks.block_size` for this cache.
+        max_cache_len: the most tokens a row will hold (prompt and new tokens). Given, the LeanK layers keep fixed-size
+            stores after the prefill (`StaticLeanKLayer`) and `generate` compiles its decode steps (`torch.compile`,
+            CUDA graphs) as it does for a `StaticCache`; the prefill stays eager. None: stores grow as tokens come,
+            decoding stays eager, and every `generate` feature works (chunked prefill, assisted decoding).
 
     Example:
         ```python
@@ -45,6 +50,7 @@ class LeanKCache(Cache):
         sink: int | None = None,
         recent: int | None = None,
         block_size: int | None = None,
+        max_cache_len: int | None = None,
     ) -> None:
         spec = ModelSpec.from_model(model)
         masks.check_compatible(spec, getattr(model.config, "_name_or_path", None))
@@ -52,12 +58,21 @@ class LeanKCache(Cache):
         recent = masks.recent if recent is None else recent
         block_size = masks.block_size if block_size is None else block_size
         validate_windows(sink, recent, block_size)
+        if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len <= sink + recent):
+            raise ValueError(
+                f"max_cache_len must be an int above sink + recent = {sink + recent} (the prompt plus the new tokens), "
+                f"got {max_cache_len!r}"
+            )
         self.masks, self.spec = masks, spec
         self.sink, self.recent, self.block_size = sink, recent, block_size
+
+        def leank_layer(index: int) -> LeanKLayer:
+            if max_cache_len is None:
+                return LeanKLayer(masks.channel_mask[index], sink, recent, block_size)
+            return StaticLeanKLayer(masks.channel_mask[index], sink, recent, block_size, max_cache_len)
+
         layers = [
-            LeanKLayer(masks.channel_mask[i], sink, recent, block_size)
-            if layer_type == LEANK_LAYER_TYPE
-            else _stock_layer(layer_type, spec)
+            leank_layer(i) if layer_type == LEANK_LAYER_TYPE else _stock_layer(layer_type, spec)
             for i, layer_type in enumerate(spec.layer_types)
         ]
         super().__init__(layers=layers)
@@ -70,10 +85,11 @@ class LeanKCache(Cache):
         Args:
             pretrained: a local mask directory, a shipped mask's short name, or a Hub repo id.
             model: the model the cache is for; the masks are checked against it.
-            **kwargs: `sink`, `recent`, `block_size` overrides for this cache, and the Hub arguments of
-                `LeanKMasks.from_pretrained` (`revision`, `token`, `cache_dir`, `local_files_only`, `force_download`).
+            **kwargs: `sink`, `recent`, `block_size` overrides and `max_cache_len` for this cache, and the Hub
+                arguments of `LeanKMasks.from_pretrained` (`revision`, `token`, `cache_dir`, `local_files_only`,
+                `force_download`).
         """
-        cache_kwargs = {k: kwargs.pop(k) for k in ("sink", "recent", "block_size") if k in kwargs}
+        cache_kwargs = {k: kwargs.pop(k) for k in ("sink", "recent", "block_size", "max_cache_len") if k in kwargs}
         return cls(LeanKMasks.from_pretrained(pretrained, **kwargs), model, **cache_kwargs)
 
     def memory_report(self) -> MemoryReport:

@@ -119,12 +119,8 @@ class LeanKLayer(CacheLayerMixin):
         """Stage this step's post-RoPE keys/values `[B, H, Q, D]`; the LeanK attention function stores them."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.batch_size:
-            raise ValueError(
-                f"this LeanKCache holds {self.batch_size} sequences but got a batch of {key_states.shape[0]}: a "
-                "filled cache cannot be reused with another batch size. Use a fresh cache "
-                "(LeanKCache.from_pretrained(...) returns a new one each call) or call cache.reset() first."
-            )
+        else:
+            self._check_batch(key_states.shape[0])
         if self._pending is not None:
             raise RuntimeError(
                 f"LeanKLayer.update was called twice without attention in between: {_NOT_LEANK_ATTENTION}"
@@ -132,6 +128,14 @@ class LeanKLayer(CacheLayerMixin):
         self._pending = PendingStep(self, key_states, value_states)
         self.seq_len += key_states.shape[2]
         return self._pending, self._pending
+
+    def _check_batch(self, batch: int) -> None:
+        if batch != self.batch_size:
+            raise ValueError(
+                f"this LeanKCache holds {self.batch_size} sequences but got a batch of {batch}: a filled cache cannot "
+                "be reused with another batch size. Use a fresh cache (LeanKCache.from_pretrained(...) returns a new "
+                "one each call) or call cache.reset() first."
+            )
 
     def get_seq_length(self) -> int:
         return self.seq_len

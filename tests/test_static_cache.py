@@ -1,0 +1,159 @@
+"""LeanKCache with `max_cache_len`: fixed-size stores after the prefill, decode steps `torch.compile` captures whole.
+
+Its oracle is the growing `LeanKCache`: both must give the same attention step for step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.generation.configuration_utils import CompileConfig
+
+from leank_hf import LeanKCache
+from leank_hf.kernels import LeanKAttention
+from leank_hf.static_layer import StaticLeanKLayer
+
+from .conftest import FAMILIES, tiny_model
+from .test_cache_generate import WINDOWS, left_padded_batch, pruned
+from .tolerances import assert_close
+
+# Every row's prompt holds at least sink + recent + block_size = 16 real tokens (WINDOWS).
+LENGTHS = [30, 17, 26]
+GREEDY = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+
+
+def generate(model, cache, inputs, **kwargs):
+    out = model.generate(**inputs, past_key_values=cache, output_logits=True, return_dict_in_generate=True,
+                         **{**GREEDY, **kwargs})  # fmt: skip
+    return out.sequences, torch.stack(out.logits)
+
+
+def static_cache(model, masks, **kwargs) -> LeanKCache:
+    return LeanKCache(masks, model, max_cache_len=64, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixed_stores_decode_exactly_like_growing_ones(family):
+    """24 new tokens cross six window flushes (block 4); left padding; Gemma3's sliding layers keep their own."""
+    model = tiny_model(family)
+    masks = pruned(model)
+    inputs = left_padded_batch(LENGTHS, model.config.vocab_size, seed=4)
+    tokens, logits = generate(model, LeanKCache(masks, model), inputs)
+    cache = static_cache(model, masks)
+    static_tokens, static_logits = generate(model, cache, inputs)
+    assert torch.equal(static_tokens, tokens)
+    assert_close(static_logits, logits, torch.float32)
+    layers = [layer for layer in cache.layers if isinstance(layer, StaticLeanKLayer)]
+    assert layers and all(layer._frozen for layer in layers)
+    assert all(int(layer.get_seq_length()) == tokens.shape[1] - 1 for layer in layers)  # the last token is not fed
+
+
+def test_fixed_stores_through_the_decode_kernel(monkeypatch):
+    """The same on the Triton kernel (the interpreter on the CPU), which reads the middle length on the device."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("llama", torch.float16).to(device)
+    masks = pruned(model)
+    inputs = {k: v.to(device) for k, v in left_padded_batch(LENGTHS, model.config.vocab_size, seed=5).items()}
+    tokens, logits = generate(model, LeanKCache(masks, model), inputs, max_new_tokens=12)
+    static_tokens, static_logits = generate(model, static_cache(model, masks), inputs, max_new_tokens=12)
+    assert_close(static_logits.float(), logits.float(), torch.float16)
+    assert torch.equal(static_tokens, tokens)
+
+
+def test_compiled_decoding_is_one_graph_for_every_step_and_cache():
+    """`generate` compiles the decode step (max_cache_len makes the cache compileable) with no graph break, and
+    neither later steps nor a second cache recompile it."""
+    model = tiny_model("llama")
+    masks = pruned(model)
+    inputs = left_padded_batch(LENGTHS, model.config.vocab_size, seed=6)
+    expected, _ = generate(model, static_cache(model, masks), inputs)
+    config = CompileConfig(backend="aot_eager", fullgraph=True)
+    config._compile_all_devices = True  # generate compiles only on accelerators unless told
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # earlier tests may have compiled (on a GPU, generate compiles static caches)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            cache = static_cache(model, masks)
+            assert cache.is_compileable
+            tokens, _ = generate(model, cache, inputs, compile_config=config)
+            assert torch.equal(tokens, expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_beam_search_reorders_the_fixed_stores_in_place():
+    model = tiny_model("llama")
+    masks = pruned(model)
+    inputs = left_padded_batch(LENGTHS[:2], model.config.vocab_size, seed=7)
+    beams = {"num_beams": 3, "num_return_sequences": 2}
+    expected, _ = generate(model, LeanKCache(masks, model), inputs, **beams)
+    cache = static_cache(model, masks)
+    tokens, _ = generate(model, cache, inputs, **beams)
+    assert torch.equal(tokens, expected)
+
+
+def test_memory_report_of_fixed_stores():
+    model = tiny_model("qwen2")
+    inputs = left_padded_batch(LENGTHS, model.config.vocab_size)
+    dense_cache, cache = DynamicCache(config=model.config), static_cache(model, pruned(model))
+    model.generate(**inputs, past_key_values=dense_cache, **GREEDY)
+    model.generate(**inputs, past_key_values=cache, **GREEDY)
+    report = cache.memory_report()
+    dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense_cache.layers)
+    assert report.dense_bytes == dense_bytes
+    assert 0 < report.reserved_bytes < report.total_bytes
+
+
+@pytest.mark.parametrize(
+    ("lengths", "kwargs", "match"),
+    [
+        ([30, 10], {}, "= 16 real tokens always give; some row's prompt is too short"),
+        ([64], {}, "leaves no room in max_cache_len=64"),
+        ([40, 40], {"prefill_chunk_size": 16}, "one token per step"),
+    ],
+    ids=["prompt-shorter-than-the-windows", "prompt-fills-the-cache", "chunked-prefill"],
+)
+def test_what_fixed_stores_cannot_do_is_refused(lengths, kwargs, match):
+    model = tiny_model("llama")
+    inputs = left_padded_batch(lengths, model.config.vocab_size)
+    with pytest.raises(ValueError, match=match):
+        model.generate(**inputs, past_key_values=static_cache(model, pruned(model)), **{**GREEDY, **kwargs})
+
+
+def test_no_rollback_once_filled():
+    model = tiny_model("llama")
+    cache = static_cache(model, pruned(model))
+    model.generate(**left_padded_batch([30], model.config.vocab_size), past_key_values=cache, **GREEDY)
+    with pytest.raises(ValueError, match="cannot roll tokens back"):
+        cache.crop(-2)
+
+
+@pytest.mark.parametrize("max_cache_len", [0, 12, 40.0], ids=["zero", "not-above-the-windows", "float"])
+def test_bad_max_cache_len(max_cache_len):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="max_cache_len must be an int above sink \\+ recent"):
+        LeanKCache(pruned(model), model, max_cache_len=max_cache_len)
+
+
+def test_without_max_cache_len_generate_does_not_compile():
+    model = tiny_model("llama")
+    assert not LeanKCache(pruned(model), model).is_compileable
+    assert static_cache(model, pruned(model)).is_compileable
+    assert WINDOWS["sink"] + WINDOWS["recent"] + WINDOWS["block_size"] == 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generate compiles with CUDA graphs only on a GPU")
+def test_generate_compiles_decoding_into_cuda_graphs_on_the_gpu():
+    """What users run: generate's own compiled decoding (inductor, mode reduce-overhead) over the Triton kernel."""
+    model = tiny_model("llama", torch.float16).cuda()
+    masks = pruned(model)
+    inputs = {k: v.cuda() for k, v in left_padded_batch(LENGTHS, model.config.vocab_size, seed=8).items()}
+    tokens, logits = generate(model, LeanKCache(masks, model), inputs)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for _ in range(2):  # the second call replays the graphs the first recorded
+        compiled_tokens, compiled_logits = generate(model, static_cache(model, masks), inputs)
+        assert_close(compiled_logits.float(), logits.float(), torch.float16)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "generate did not compile"
+    assert torch.equal(compiled_tokens, tokens)
