@@ -5,6 +5,9 @@ with DynamicCache): KV/activation peak memory above the weights, prefill time, d
 tokens forced), and optionally the largest batch that fits. Decode is timed inside the one generate call on the GPU's
 clock (`StepClock`: an event each time generate scores a token), so host-bound gaps count and no prefill-only run is
 subtracted. The summary compares the fastest setup (SDPA backend) of each cache.
+`LeanKCache-static` (a LeanKCache with `max_cache_len`) and `StaticCache` keep fixed-size stores, so `generate`
+compiles their decode steps (torch.compile, mode reduce-overhead: CUDA graphs); the warm-up runs at the measured
+shape, so compilation stays out of the numbers.
 PyTorch's default dispatch picks cuDNN attention on an H100, which builds a new execution plan for every new key
 length, so every decode step of a DynamicCache pays for plans; forcing flash attention avoids that, and the fastest
 run is the baseline. Random weights make the text meaningless but the work real. Decoding here is host-bound and
@@ -24,7 +27,7 @@ import statistics
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from leank_hf import LeanKCache, LeanKMasks
 
@@ -43,8 +46,22 @@ def build_model() -> LlamaForCausalLM:
     return model.eval()
 
 
-def make_cache(kind: str, model, masks: LeanKMasks):
-    return DynamicCache(config=model.config) if kind == "DynamicCache" else LeanKCache(masks, model)
+# Caches with fixed-size stores: `generate` compiles their decode steps (torch.compile, CUDA graphs).
+COMPILED = ("LeanKCache-static", "StaticCache")
+
+
+def make_cache(kind: str, model, masks: LeanKMasks, max_cache_len: int):
+    """`DynamicCache`, `LeanKCache`, or a cache `generate` compiles for: `LeanKCache-static` (a LeanKCache with
+    `max_cache_len`) or `StaticCache`."""
+    makers = {
+        "DynamicCache": lambda: DynamicCache(config=model.config),
+        "LeanKCache": lambda: LeanKCache(masks, model),
+        "LeanKCache-static": lambda: LeanKCache(masks, model, max_cache_len=max_cache_len),
+        "StaticCache": lambda: StaticCache(config=model.config, max_cache_len=max_cache_len),
+    }
+    if kind not in makers:
+        raise ValueError(f"unknown cache {kind!r}; use one of {sorted(makers)}")
+    return makers[kind]()
 
 
 def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
@@ -82,9 +99,10 @@ class StepClock(LogitsProcessor):
 
 def run(
     model, masks, kind: str, batch: int, prompt: int, new_tokens: int, prefill_chunk: int | None = None,
-    sdpa: str = "default",
+    sdpa: str = "default", max_cache_len: int | None = None,
 ) -> dict:  # fmt: skip
-    """Prefill time, decode steps' times and peak memory of one generate call."""
+    """Prefill time, decode steps' times and peak memory of one generate call (fixed-size caches sized for
+    `max_cache_len` tokens, by default the prompt and the new tokens)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -95,7 +113,8 @@ def run(
     start.record()
     with torch.no_grad(), sdpa_backend(sdpa):
         model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(kind, model, masks),
+            ids, attention_mask=torch.ones_like(ids),
+            past_key_values=make_cache(kind, model, masks, max_cache_len or prompt + new_tokens),
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
             prefill_chunk_size=prefill_chunk, logits_processor=LogitsProcessorList([clock]),
         )  # fmt: skip
@@ -164,6 +183,11 @@ def main() -> None:
     parser.add_argument("--skip-equal-batch", action="store_true", help="only search the largest batch")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setup at equal batch (medians)")
     parser.add_argument("--caches", default="DynamicCache,LeanKCache", help="caches to run, comma-separated")
+    parser.add_argument(
+        "--setups",
+        help="cache:SDPA-backend pairs, comma-separated (instead of every cache with "
+        "every backend), e.g. DynamicCache:flash,LeanKCache-static:flash,StaticCache:efficient",
+    )
     parser.add_argument("--sdpa-backends", default="default,flash",
                         help="SDPA backends to run each cache with (default = PyTorch's dispatch); the largest-batch "
                              "search uses the first")  # fmt: skip
@@ -176,8 +200,10 @@ def main() -> None:
     masks = LeanKMasks.from_pretrained(args.masks)
     kinds = tuple(args.caches.split(","))
     setups = [(kind, sdpa) for kind in kinds for sdpa in backends]
-    for kind, sdpa in setups:  # warm-up: compilation stays out of the numbers
-        run(model, masks, kind, 2, 1024, 8, sdpa=sdpa)
+    if args.setups:
+        setups = [tuple(setup.split(":")) for setup in args.setups.split(",")]
+    for kind, sdpa in setups:  # warm-up at the measured shape: compilation stays out of the numbers
+        run(model, masks, kind, args.batch, args.prompt, 8, sdpa=sdpa, max_cache_len=args.prompt + args.new_tokens)
     rows = []
     if not args.skip_equal_batch:
         runs = {setup: [] for setup in setups}
@@ -204,14 +230,16 @@ def main() -> None:
     for r in rows:
         if r["decode_tok_s"] > fastest.get(r["cache"], {}).get("decode_tok_s", 0):
             fastest[r["cache"]] = r
-    if {"DynamicCache", "LeanKCache"} <= fastest.keys():
-        dense, leank = fastest["DynamicCache"], fastest["LeanKCache"]
-        print(f"\nLeanK (SDPA {leank['sdpa']}) / DynamicCache (SDPA {dense['sdpa']}), the fastest "
-              f"setup of each cache (medians): "
-              f"peak memory {leank['peak_gib'] / dense['peak_gib']:.2f}x, decode tok/s "
-              f"{leank['decode_tok_s'] / dense['decode_tok_s']:.2f}x, "
-              f"median step time {leank['step_ms'] / dense['step_ms']:.2f}x, prefill time "
-              f"{leank['prefill_s'] / dense['prefill_s']:.2f}x")  # fmt: skip
+    baselines = [name for name in ("DynamicCache", "StaticCache") if name in fastest]
+    for base_name, name in itertools.product(baselines, fastest):
+        if name == base_name or name == "DynamicCache":
+            continue
+        base, other = fastest[base_name], fastest[name]
+        print(f"{name} (SDPA {other['sdpa']}) / {base_name} (SDPA {base['sdpa']}), the fastest setup of each cache "
+              f"(medians): peak memory {other['peak_gib'] / base['peak_gib']:.2f}x, decode tok/s "
+              f"{other['decode_tok_s'] / base['decode_tok_s']:.2f}x, median step time "
+              f"{other['step_ms'] / base['step_ms']:.2f}x, prefill time "
+              f"{other['prefill_s'] / base['prefill_s']:.2f}x")  # fmt: skip
     if args.find_max_batch:
         largest = {
             kind: max_batch(model, masks, kind, args.prompt, args.new_tokens, args.batch, args.prefill_chunk,
