@@ -577,8 +577,8 @@ def _split_args(
     tuning: DecodeTuning,
 ) -> tuple:  # fmt: skip
     """`_leank_decode_kernel`'s arguments up to its constexprs, in order; `cache_strides` as `_cache_signature` gives
-    them, partial results contiguous. Without new tokens (or their flags) the window's tensors stand in for them:
-    the kernel is then compiled without reading them."""
+    them, partial results contiguous. Without new tokens (or their flags, or a device middle length) cache tensors
+    stand in for them: the kernel is then compiled without reading them."""
     sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides = cache_strides
     batch = query.shape[0]
     layout = cache.layout
