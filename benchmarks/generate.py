@@ -46,10 +46,6 @@ def build_model() -> LlamaForCausalLM:
     return model.eval()
 
 
-# Caches with fixed-size stores: `generate` compiles their decode steps (torch.compile, CUDA graphs).
-COMPILED = ("LeanKCache-static", "StaticCache")
-
-
 def make_cache(kind: str, model, masks: LeanKMasks, max_cache_len: int):
     """`DynamicCache`, `LeanKCache`, or a cache `generate` compiles for: `LeanKCache-static` (a LeanKCache with
     `max_cache_len`) or `StaticCache`."""
