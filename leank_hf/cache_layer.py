@@ -18,6 +18,12 @@ _GROWTH_FRACTION = 1 / 16
 # Versions of a layer's stores, for the decode kernel's launch cache: unique across layers and resets.
 _STORE_VERSIONS = itertools.count()
 
+# Every tensor a layer stores, each with the batch as its first axis.
+_STORE_NAMES = (
+    "sink_keys", "sink_values", "sink_lengths", "middle_keys", "middle_values", "middle_valid", "middle_start",
+    "recent_keys", "recent_values", "recent_valid",
+)  # fmt: skip
+
 _NOT_LEANK_ATTENTION = (
     "a LeanKCache handed its keys to an attention function other than LeanK's. The model's attn_implementation "
     "must be 'leank' while a LeanKCache is in use: build the cache with LeanKCache(masks, model) or "
@@ -98,7 +104,7 @@ class LeanKLayer(CacheLayerMixin):
             )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = batch
-        self.layout = ChannelLayout.from_mask(self.channel_mask, self.device)
+        self.layout = self._build_layout()
         kv_kwargs = {"dtype": self.dtype, "device": self.device}
         self.sink_keys = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
         self.sink_values = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
@@ -112,6 +118,10 @@ class LeanKLayer(CacheLayerMixin):
         self.recent_valid = torch.empty(batch, 0, dtype=torch.bool, device=self.device)
         self._stores_changed(window=True)
         self.is_initialized = True
+
+    def _build_layout(self) -> ChannelLayout:
+        """The layout of this layer's mask on its device (once, at lazy initialisation)."""
+        return ChannelLayout.from_mask(self.channel_mask, self.device)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -384,10 +394,7 @@ class LeanKLayer(CacheLayerMixin):
             return
         if self._pending is not None:
             raise RuntimeError("cannot reorder a LeanKCache in the middle of a forward pass")
-        for name in (
-            "sink_keys", "sink_values", "sink_lengths", "middle_keys", "middle_values", "middle_valid", "middle_start",
-            "recent_keys", "recent_values", "recent_valid",
-        ):  # fmt: skip
+        for name in _STORE_NAMES:
             setattr(self, name, fn(getattr(self, name)))
         self.batch_size = self.sink_lengths.shape[0]
         self._sink_slots = int(self.sink_lengths.max()) if self.batch_size else 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache_layer import LeanKLayer, PendingStep
+from .cache_layer import _STORE_NAMES, LeanKLayer, PendingStep
+from .kernels import ChannelLayout
 from .kernels.compiled import pruned_attention, register_layout
 from .memory import LayerMemory, held_bytes
 
@@ -42,10 +43,10 @@ class StaticLeanKLayer(LeanKLayer):
         super()._clear()
         self._frozen = False
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
+    def _build_layout(self) -> ChannelLayout:
         # The shared layout of these masks on this device, named by an int the compiled operator can hold.
-        self._layout_key, self.layout = register_layout(self.channel_mask, self.device)
+        self._layout_key, layout = register_layout(self.channel_mask, self.device)
+        return layout
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -159,10 +160,7 @@ class StaticLeanKLayer(LeanKLayer):
         self._frozen = True
 
     def _stores(self) -> tuple[torch.Tensor, ...]:
-        return (
-            self.sink_keys, self.sink_values, self.sink_lengths, self.middle_keys, self.middle_values,
-            self.middle_valid, self.middle_start, self.recent_keys, self.recent_values, self.recent_valid,
-        )  # fmt: skip
+        return tuple(getattr(self, name) for name in _STORE_NAMES)
 
     def crop(self, tokens_to_remove: int | torch.Tensor) -> None:
         if self._frozen and int(tokens_to_remove) != 0:
