@@ -408,7 +408,18 @@ class LeanKLayer(CacheLayerMixin):
         key_bytes = held_bytes(self.sink_keys, self.middle_keys, self.recent_keys)
         value_bytes = held_bytes(self.sink_values, self.middle_values, self.recent_values)
         other_bytes = held_bytes(self.sink_lengths, self.middle_valid, self.middle_start, self.recent_valid)
-        live = (
+        batch, heads, _, head_dim = self.recent_keys.shape
+        dense = 2 * batch * heads * self._stored_count() * head_dim * self.recent_keys.element_size()
+        reserved = key_bytes + value_bytes + other_bytes - self._bytes_in_use()
+        return LayerMemory(layer_idx, "leank", key_bytes, value_bytes, other_bytes, reserved, dense)
+
+    def _stored_count(self) -> int:
+        """Tokens stored per row, padding included (what a `DynamicLayer` would hold)."""
+        return self.seq_len
+
+    def _bytes_in_use(self) -> int:
+        """Bytes of the stores that hold tokens (the rest is capacity reserved for later ones)."""
+        return (
             _live_bytes(self.sink_keys, 2, self._sink_slots) * 2
             + _live_bytes(self.middle_keys, 2, self._middle)
             + _live_bytes(self.middle_values, 2, self._middle)
@@ -417,10 +428,6 @@ class LeanKLayer(CacheLayerMixin):
             + _live_bytes(self.recent_valid, 1, self._window)
             + held_bytes(self.sink_lengths, self.middle_start)
         )
-        batch, heads, _, head_dim = self.recent_keys.shape
-        dense = 2 * batch * heads * self.seq_len * head_dim * self.recent_keys.element_size()
-        total = key_bytes + value_bytes + other_bytes
-        return LayerMemory(layer_idx, "leank", key_bytes, value_bytes, other_bytes, total - live, dense)
 
 
 def _validity(valid: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from .cache_layer import _STORE_NAMES, LeanKLayer, PendingStep
 from .kernels import ChannelLayout
 from .kernels.compiled import pruned_attention, register_layout
-from .memory import LayerMemory, held_bytes
+from .memory import held_bytes
 
 
 class StaticLeanKLayer(LeanKLayer):
@@ -188,15 +188,13 @@ class StaticLeanKLayer(LeanKLayer):
         if self._frozen:
             raise ValueError("a LeanKCache with max_cache_len keeps its batch size once filled; use one without it")
 
-    def memory(self, layer_idx: int) -> LayerMemory:
+    def _stored_count(self) -> int:
+        return int(self._position) if self._frozen else super()._stored_count()
+
+    def _bytes_in_use(self) -> int:
         if not self._frozen:
-            return super().memory(layer_idx)
-        stored = int(self._position)
-        key_bytes = held_bytes(self.sink_keys, self.middle_keys, self.recent_keys)
-        value_bytes = held_bytes(self.sink_values, self.middle_values, self.recent_values)
-        other_bytes = held_bytes(self.sink_lengths, self.middle_valid, self.middle_start, self.recent_valid)
-        unused = (self.max_cache_len - stored) / (self.max_cache_len - self._middle_base)  # of the middle stores
+            return super()._bytes_in_use()
+        # Every store is in use but the middle slots of positions not reached yet.
+        unused = (self.max_cache_len - int(self._position)) / (self.max_cache_len - self._middle_base)
         reserved = int(unused * held_bytes(self.middle_keys, self.middle_values, self.middle_valid))
-        batch, heads, _, head_dim = self.recent_keys.shape
-        dense = 2 * batch * heads * stored * head_dim * self.recent_keys.element_size()
-        return LayerMemory(layer_idx, "leank", key_bytes, value_bytes, other_bytes, reserved, dense)
+        return held_bytes(*self._stores()) - reserved
