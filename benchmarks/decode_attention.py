@@ -5,9 +5,12 @@ every layer in turn (`--masks`, default the shipped `llama-3.1-8b-instruct`). SD
 the call (cuDNN, flash, memory-efficient) and the fastest one is the baseline. For each (batch, context) it prints
 median GPU times from CUDA events around replays of a CUDA graph, the L2 emptied before each replay by reading a
 256 MB buffer (`L2Flush`), the speedup, the bytes each side must read (the floor ratio is dense bytes / LeanK bytes)
-and the achieved bandwidth against a measured device-to-device copy. Two more columns: eager calls timed by
-`triton.testing.do_bench` (Python launch costs included), and the speedup when the L2 is emptied by writing the buffer
-instead (do_bench's way), which leaves dirty lines whose write-back lands in the timed call.
+and the achieved bandwidth against a measured device-to-device copy. "Step" columns time the layers' calls back to
+back in one graph, each on a cache of its own, as a decode step runs them (`step_graph_ms`; every layer, or every n-th
+where their caches would pass `STEP_BYTES`): per call, without the graph launch and events that a one-call graph
+times with it. Two more columns: eager calls timed by `triton.testing.do_bench` (Python launch costs included), and
+the speedup when the L2 is emptied by writing the buffer instead (do_bench's way), which leaves dirty lines whose
+write-back lands in the timed call.
 
     python benchmarks/decode_attention.py [--shapes 1x32768,1x131072,8x32768,32x8192] [--csv out.csv]
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
+import math
 import os
 import statistics
 import subprocess
@@ -32,6 +37,7 @@ from leank_hf.kernels import ChannelLayout, PrunedKV
 from leank_hf.kernels.decode import leank_decode_triton
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+STEP_BYTES = 24 * 10**9  # most cache bytes one side's step graph holds at once
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -64,7 +70,7 @@ def pruned_cache(mask: torch.Tensor, batch: int, context: int, sink: int, recent
         recent_valid=torch.ones(batch, window, dtype=torch.bool, device="cuda"),
         layout=layout,
     )
-    bytes_read = sum(t.numel() * t.element_size() for t in cache[:-1])
+    bytes_read = sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor))
     return cache, bytes_read
 
 
@@ -115,15 +121,45 @@ def graph_median_ms(fn: Callable[[], object], flush: Callable[[], None], reps: i
     return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends, strict=True))
 
 
-def bench_sdpa(query: torch.Tensor, context: int, scaling: float, flush: L2Flush) -> dict:
+def step_graph_ms(calls: list[Callable[[], object]], reps: int = 20) -> float:
+    """Median ms per call of `calls` captured back to back in one CUDA graph, as a decode step runs its layers'
+    attention: each call reads its own cache, larger than the L2, so none finds its bytes there (no flush needed),
+    and the graph launch and events (~4.7 us on an H100, which `graph_median_ms` times with every call) are paid
+    once for all the calls."""
+    for call in calls:  # compile outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)) / len(calls)
+
+
+def bench_sdpa(query: torch.Tensor, context: int, scaling: float, flush: L2Flush, layers: int) -> dict:
     """Dense SDPA decode over `context` tokens per row with the fastest backend that takes the call: its name, median
-    ms (graph, graph with a dirty L2, eager) and the K/V bytes it reads."""
-    keys = torch.randn(query.shape[0], KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn_like(keys)
-    best = None
+    ms (graph, graph with a dirty L2, eager; and per call in a graph of up to `layers` calls back to back, each on a
+    cache of its own, as many as `STEP_BYTES` holds, with the fastest backend there) and the K/V bytes it reads."""
+    layer_bytes = 2 * query.shape[0] * KV_HEADS * context * HEAD_DIM * 2
+    caches = [
+        (keys, torch.randn_like(keys))
+        for keys in (
+            torch.randn(query.shape[0], KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            for _ in range(max(2, min(layers, STEP_BYTES // layer_bytes)))
+        )
+    ]
+    best, step_ms = None, float("inf")
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
 
-        def attend(backend=backend):
+        def attend(keys=caches[0][0], values=caches[0][1], backend=backend):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True)
 
@@ -131,41 +167,52 @@ def bench_sdpa(query: torch.Tensor, context: int, scaling: float, flush: L2Flush
             attend()
         except RuntimeError:  # this backend does not take the call (memory-efficient has no GQA)
             continue
+        step_ms = min(step_ms, step_graph_ms([functools.partial(attend, *cache) for cache in caches]))
         ms = graph_median_ms(attend, flush.clean)
         if best is None or ms < best["ms"]:
             best = {"backend": backend.name.lower(), "ms": ms, "dirty_ms": graph_median_ms(attend, flush.dirty),
                     "eager_ms": median_ms(attend)}  # fmt: skip
     if best is None:
         raise RuntimeError(f"no SDPA backend takes a bf16 GQA decode call of shape {tuple(query.shape)} on this GPU")
-    return {**best, "bytes": 2 * keys.numel() * keys.element_size()}
+    keys = caches[0][0]
+    return {**best, "step_ms": step_ms, "bytes": 2 * keys.numel() * keys.element_size()}
 
 
 def bench_shape(masks: LeanKMasks, batch: int, context: int, sink: int, recent: int, flush: L2Flush) -> dict:
     """SDPA and LeanK (averaged over every layer's mask) at one shape; times in ms."""
     scaling = HEAD_DIM**-0.5
     query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    sdpa = bench_sdpa(query, context, scaling, flush)
+    sdpa = bench_sdpa(query, context, scaling, flush, masks.num_layers)
+    torch.cuda.empty_cache()
     timings = {"ms": [], "dirty_ms": [], "eager_ms": [], "bytes": []}
     for layer in range(masks.num_layers):
         cache, nbytes = pruned_cache(masks.channel_mask[layer], batch, context, sink, recent)
-
-        def attend(cache=cache):
-            return leank_decode_triton(query, cache, scaling)
-
+        attend = functools.partial(leank_decode_triton, query, cache, scaling)
         timings["ms"].append(graph_median_ms(attend, flush.clean))
         timings["dirty_ms"].append(graph_median_ms(attend, flush.dirty))
         timings["eager_ms"].append(median_ms(attend))
         timings["bytes"].append(nbytes)
-        del cache
+        del cache, attend
     leank = {key: statistics.fmean(values) for key, values in timings.items()}
+    # The step graph: every layer, or every n-th where all of them would not fit `STEP_BYTES`.
+    every = max(1, math.ceil(sum(timings["bytes"]) / STEP_BYTES))
+    caches = [pruned_cache(masks.channel_mask[layer], batch, context, sink, recent)[0]
+              for layer in range(0, masks.num_layers, every)]  # fmt: skip
+    leank["step_ms"] = step_graph_ms([functools.partial(leank_decode_triton, query, c, scaling) for c in caches])
+    leank["step_bytes"] = statistics.fmean(timings["bytes"][::every])
+    del caches
     return {
         "batch": batch, "context": context, "sink": sink, "recent": recent, "sdpa_backend": sdpa["backend"],
         "sdpa_ms": sdpa["ms"], "leank_ms": leank["ms"], "speedup": sdpa["ms"] / leank["ms"],
+        "sdpa_step_ms": sdpa["step_ms"], "leank_step_ms": leank["step_ms"],
+        "step_speedup": sdpa["step_ms"] / leank["step_ms"],
         "dirty_speedup": sdpa["dirty_ms"] / leank["dirty_ms"],
         "sdpa_eager_ms": sdpa["eager_ms"], "leank_eager_ms": leank["eager_ms"],
         "eager_speedup": sdpa["eager_ms"] / leank["eager_ms"],
         "floor_ratio": sdpa["bytes"] / leank["bytes"],
         "sdpa_GBps": sdpa["bytes"] / sdpa["ms"] / 1e6, "leank_GBps": leank["bytes"] / leank["ms"] / 1e6,
+        "sdpa_step_GBps": sdpa["bytes"] / sdpa["step_ms"] / 1e6,
+        "leank_step_GBps": leank["step_bytes"] / leank["step_ms"] / 1e6,
         "leank_ms_min_layer": min(timings["ms"]), "leank_ms_max_layer": max(timings["ms"]),
     }  # fmt: skip
 
@@ -193,16 +240,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device)
     print(f"\n{name}; torch {torch.__version__}, triton {triton.__version__}; bf16; masks {args.masks} "
           f"(keep {masks.keep_ratio:.1%}); device copy {copy / 1e9:.0f} GB/s (read + write)\n")  # fmt: skip
-    print("| batch | context | sink/recent | SDPA backend | SDPA ms | LeanK ms | **speedup** | byte floor | "
-          "SDPA GB/s | LeanK GB/s | LeanK % of copy | speedup, dirty L2 | SDPA eager ms | LeanK eager ms | "
-          "eager speedup |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| batch | context | sink/recent | SDPA backend | SDPA ms | LeanK ms | **speedup** | SDPA ms, step | "
+          "LeanK ms, step | **speedup, step** | byte floor | SDPA GB/s | LeanK GB/s | LeanK % of copy | "
+          "LeanK % of copy, step | speedup, dirty L2 | SDPA eager ms | LeanK eager ms | eager speedup |")  # fmt: skip
+    print("|---" * 19 + "|")
     for r in rows:
         print(f"| {r['batch']} | {r['context']} | {r['sink']}/{r['recent']} | {r['sdpa_backend']} | "
-              f"{r['sdpa_ms']:.4f} | {r['leank_ms']:.4f} | **{r['speedup']:.2f}x** | {r['floor_ratio']:.2f}x | "
+              f"{r['sdpa_ms']:.4f} | {r['leank_ms']:.4f} | **{r['speedup']:.2f}x** | {r['sdpa_step_ms']:.4f} | "
+              f"{r['leank_step_ms']:.4f} | **{r['step_speedup']:.2f}x** | {r['floor_ratio']:.2f}x | "
               f"{r['sdpa_GBps']:.0f} | {r['leank_GBps']:.0f} | {100 * r['leank_GBps'] * 1e9 / copy:.0f}% | "
-              f"{r['dirty_speedup']:.2f}x | {r['sdpa_eager_ms']:.3f} | {r['leank_eager_ms']:.3f} | "
-              f"{r['eager_speedup']:.2f}x |")  # fmt: skip
+              f"{100 * r['leank_step_GBps'] * 1e9 / copy:.0f}% | {r['dirty_speedup']:.2f}x | "
+              f"{r['sdpa_eager_ms']:.3f} | {r['leank_eager_ms']:.3f} | {r['eager_speedup']:.2f}x |")  # fmt: skip
     if args.csv:
         sha = (
             os.environ.get("LEANK_GIT_SHA")

@@ -61,14 +61,18 @@ def make_cache(kind: str, model, masks: LeanKMasks, max_cache_len: int):
 
 
 def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
-    """`default` (PyTorch's own dispatch) or one `SDPBackend` by name: `flash`, `cudnn`, `efficient`, `math`."""
+    """`default` (PyTorch's own dispatch) or the `SDPBackend`s a name allows, joined by `+`: `flash`, `cudnn`,
+    `efficient`, `math`. A fixed-size cache needs two: its prefill passes no mask and shares K/V heads (GQA), which
+    flash takes and memory-efficient does not; its decode steps pass a mask over the whole static length, which
+    memory-efficient takes and flash does not."""
     if name == "default":
         return contextlib.nullcontext()
     names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
-    if name not in names:
-        raise ValueError(f"unknown SDPA backend {name!r}; use default or one of {sorted(names)}")
-    return sdpa_kernel(names[name])
+    unknown = sorted(set(name.split("+")) - set(names))
+    if unknown:
+        raise ValueError(f"unknown SDPA backend {'+'.join(unknown)!r}; use default or {sorted(names)} joined by +")
+    return sdpa_kernel([names[part] for part in name.split("+")])
 
 
 class StepClock(LogitsProcessor):
@@ -182,7 +186,7 @@ def main() -> None:
     parser.add_argument(
         "--setups",
         help="cache:SDPA-backend pairs, comma-separated (instead of every cache with "
-        "every backend), e.g. DynamicCache:flash,LeanKCache-static:flash,StaticCache:efficient",
+        "every backend), e.g. DynamicCache:flash,LeanKCache-static:flash,StaticCache:efficient+flash",
     )
     parser.add_argument("--sdpa-backends", default="default,flash",
                         help="SDPA backends to run each cache with (default = PyTorch's dispatch); the largest-batch "

@@ -17,10 +17,11 @@ import matplotlib.pyplot as plt
 # Curve label -> CSV column of `benchmarks/decode_attention.py`, and its line style.
 TIMINGS = {
     "CUDA graph, clean L2": "speedup",
+    "layers back to back in one CUDA graph": "step_speedup",
     "CUDA graph, dirty L2 (do_bench's flush)": "dirty_speedup",
     "eager launch": "eager_speedup",
 }
-STYLES = dict(zip(TIMINGS, ["-o", "-.s", "--x"], strict=True))
+STYLES = dict(zip(TIMINGS, ["-o", "-^", "-.s", "--x"], strict=True))
 
 
 def main() -> None:
@@ -39,7 +40,8 @@ def main() -> None:
                     continue
                 batch, context = int(row["batch"]), int(row["context"])
                 for timing, column in TIMINGS.items():
-                    series[(batch, timing)][context] = float(row[column])
+                    if row.get(column):  # CSVs from before a column existed lack it
+                        series[(batch, timing)][context] = float(row[column])
                 floor[batch][context] = float(row["floor_ratio"])
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {batch: f"C{index}" for index, batch in enumerate(sorted(floor))}  # one color per batch
