@@ -123,9 +123,9 @@ def graph_median_ms(fn: Callable[[], object], flush: Callable[[], None], reps: i
 
 def step_graph_ms(calls: list[Callable[[], object]], reps: int = 20) -> float:
     """Median ms per call of `calls` captured back to back in one CUDA graph, as a decode step runs its layers'
-    attention: each call reads its own cache, larger than the L2, so none finds its bytes there (no flush needed),
-    and the graph launch and events (~4.7 us on an H100, which `graph_median_ms` times with every call) are paid
-    once for all the calls."""
+    attention: each call reads its own cache, and the other calls read far more than the L2 holds before it is read
+    again, so no call finds its bytes there (no flush needed); the graph launch and events (~4.7 us on an H100, which
+    `graph_median_ms` times with every call) are paid once for all the calls."""
     for call in calls:  # compile outside the capture
         call()
     torch.cuda.synchronize()
