@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
 from . import attention
 from .architectures import LEANK_LAYER_TYPE, ModelSpec
@@ -21,7 +21,8 @@ class LeanKCache(Cache):
 
     Pass it to `generate` (or a forward) as `past_key_values`. Constructing it switches `model` to the ``"leank"``
     attention implementation, which runs exact SDPA for the prefill and pruned attention afterwards; with any other
-    cache the model keeps behaving exactly like SDPA. Sliding-window layers (Gemma3) keep transformers' own layer.
+    cache the model keeps behaving exactly like SDPA. Sliding-window layers (Gemma3) keep transformers' own layers
+    (the static ones with `max_cache_len`).
 
     Args:
         masks: the channel masks, made for this model.
@@ -72,7 +73,7 @@ class LeanKCache(Cache):
             return StaticLeanKLayer(masks.channel_mask[index], sink, recent, block_size, max_cache_len)
 
         layers = [
-            leank_layer(i) if layer_type == LEANK_LAYER_TYPE else _stock_layer(layer_type, spec)
+            leank_layer(i) if layer_type == LEANK_LAYER_TYPE else _stock_layer(layer_type, spec, max_cache_len)
             for i, layer_type in enumerate(spec.layer_types)
         ]
         super().__init__(layers=layers)
@@ -103,9 +104,14 @@ class LeanKCache(Cache):
         )
 
 
-def _stock_layer(layer_type: str, spec: ModelSpec) -> DynamicSlidingWindowLayer:
+def _stock_layer(
+    layer_type: str, spec: ModelSpec, max_cache_len: int | None
+) -> DynamicSlidingWindowLayer | StaticSlidingWindowLayer:
+    """transformers' own layer for a layer LeanK leaves alone: a sliding window, fixed-size when the cache is."""
     if layer_type == "sliding_attention" and spec.sliding_window:
-        return DynamicSlidingWindowLayer(sliding_window=spec.sliding_window)
+        if max_cache_len is None:
+            return DynamicSlidingWindowLayer(sliding_window=spec.sliding_window)
+        return StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=spec.sliding_window)
     raise ValueError(f"LeanK does not support {spec.architecture} layers of type {layer_type!r}")
 
 
