@@ -66,8 +66,9 @@ def test_fixed_stores_through_the_decode_kernel(monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_compiled_decoding_compiles_as_often_as_a_static_cache(family):
     """`generate` compiles the decode step (max_cache_len makes the cache compileable) with no graph break, as often
-    as for transformers' `StaticCache` (once for Llama; for Gemma3 once more, as dynamo makes the length its static
-    sliding layers keep in a Python int dynamic), and a second cache compiles nothing new."""
+    as for transformers' `StaticCache` (on transformers 5.17-5.23: once for Llama; for Gemma3 once more, as dynamo
+    makes the length its static sliding layers keep in a Python int dynamic), and a second cache compiles nothing
+    new."""
     model = tiny_model(family)
     masks = pruned(model)
     inputs = left_padded_batch(LENGTHS, model.config.vocab_size, seed=6)
@@ -91,7 +92,7 @@ def test_compiled_decoding_compiles_as_often_as_a_static_cache(family):
     leank = graphs_after_each_call(lambda: static_cache(model, masks))
     stock = graphs_after_each_call(lambda: StaticCache(config=model.config, max_cache_len=64))
     assert leank == stock == [leank[0]] * 2
-    assert leank[0] == (1 if family == "llama" else 2)
+    assert leank[0] >= 1, "generate did not compile"
 
 
 def test_beam_search_reorders_the_fixed_stores_in_place():
