@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import random
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -20,13 +22,17 @@ pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "long_context_qa.py"
 
 
-def prose_ids(tokenizer, tokens: int, seed: int) -> torch.Tensor:
+def example() -> ModuleType:
+    """The README demo's module (`examples/long_context_qa.py`): its logbook prose and question prompts."""
     sys.path.insert(0, str(EXAMPLE.parent))
-    import random
+    import long_context_qa
 
-    from long_context_qa import logbook
+    return long_context_qa
 
-    return tokenizer(logbook(random.Random(seed), tokens // 26), return_tensors="pt")["input_ids"][:, :tokens]
+
+def prose_ids(tokenizer, tokens: int, seed: int) -> torch.Tensor:
+    text = example().logbook(random.Random(seed), tokens // 26)
+    return tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
 
 
 def test_keep_all_masks_reproduce_dynamic_cache(smollm2):
@@ -68,12 +74,7 @@ def test_readme_demo_runs(smollm2):
 
 def test_calibration_from_text_with_a_tokenizer(smollm2):
     model, tokenizer = smollm2
-    import random
-
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from long_context_qa import logbook
-
-    texts = [logbook(random.Random(seed), 12) for seed in range(3)]
+    texts = [example().logbook(random.Random(seed), 12) for seed in range(3)]
     masks = LeanKMasks.from_calibration(model, texts, tokenizer=tokenizer, keep_ratio=0.5, batch_size=2)
     assert masks.keep_ratio == pytest.approx(0.5, abs=0.01)
     assert masks.method["tokens"] == sum(len(tokenizer(t)["input_ids"]) for t in texts)
@@ -104,12 +105,9 @@ def test_compiled_decoding_of_the_real_model_on_the_gpu(smollm2):
     learned masks. The buried fact is found, and the logits follow eager decoding of the same cache within bf16
     tolerance up to the first token where the two pick differently (compiled kernels round differently, as the stock
     StaticCache's do: on an H100 either can flip a near-tie late in an answer)."""
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from long_context_qa import build_prompt
-
     model, tokenizer = smollm2
     model = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    ids, code = build_prompt(tokenizer, 2500, seed=0)
+    ids, code = example().build_prompt(tokenizer, 2500, seed=0)
     ids = ids.cuda()
     masks = LeanKMasks.from_pretrained("smollm2-135m-instruct")
 
