@@ -277,7 +277,9 @@ class LeanKLayer(CacheLayerMixin):
         """Store a step whose attention ran elsewhere (the exact prefill); same stores as `attend` leaves.
 
         Into an empty window, the tokens that would leave it at once go straight to the sink and middle stores, so a
-        long prompt is never copied into the window first (less time, and less memory at the prefill's peak).
+        long prompt is never copied into the window first (less time, and less memory at the prefill's peak). The
+        window is stored without the room decoding needs: the prefill is a generate call's memory peak (the model's
+        activations for every prompt token), and the first decode step adds that room (one small copy per layer).
         """
         self._take(step)
         keys, values = step.keys, step.values
@@ -295,16 +297,18 @@ class LeanKLayer(CacheLayerMixin):
         self._pending = None
 
     def _append_to_window(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
-        self._open_window_slots(keys.shape[2], valid)
+        self._open_window_slots(keys.shape[2], valid, decode_room=False)
         NewTokens(keys, values, valid).write(self.view())
 
-    def _open_window_slots(self, count: int, valid: torch.Tensor | None) -> None:
+    def _open_window_slots(self, count: int, valid: torch.Tensor | None, decode_room: bool = True) -> None:
         """Count `count` more tokens into the window, at its end (the caller writes them); `valid` their flags.
 
-        The window stores are allocated once for what the window holds between steps (a long multi-token step may
-        grow them)."""
+        With `decode_room` the window stores are allocated once for what the window holds between steps (a long
+        multi-token step may grow them); without it they grow only as far as these tokens need."""
         self._real_run = self._real_run + count if valid is None else 0
-        needed = max(self._window + count, self._window_capacity)
+        needed = self._window + count
+        if decode_room:
+            needed = max(needed, self._window_capacity)
         if needed > self.recent_keys.shape[2]:
             self.recent_keys = _grown(self.recent_keys, 2, self._window, needed, self.block_size)
             self.recent_values = _grown(self.recent_values, 2, self._window, needed, self.block_size)

@@ -253,6 +253,21 @@ def test_growth_is_amortised_and_reserved_capacity_small():
     assert report.reserved_bytes <= 0.10 * report.total_bytes
 
 
+def test_prefill_stores_the_window_without_decode_room_and_decoding_adds_it_once():
+    """The prefill is a generate call's memory peak: no store may hold room only decoding uses yet."""
+    generator = torch.Generator().manual_seed(8)
+    mask = random_mask(2, 32, 8, generator)
+    layer = LeanKLayer(mask, sink=4, recent=32, block_size=16)
+    pointers = set()
+    for index, _ in enumerate(drive_layer(layer, [200] + [1] * 40, [0, 3], 4, 32, torch.float32, generator)):
+        if index == 0:
+            assert layer.recent_keys.shape[2] == layer.recent_values.shape[2] == layer.recent_valid.shape[1] == 32
+        else:
+            assert layer.recent_keys.shape[2] == 32 + 16  # recent + block_size: what the window holds between steps
+            pointers.add(layer.recent_keys.data_ptr())
+    assert len(pointers) == 1  # added at the first decode step, then kept
+
+
 def test_crop_rolls_back_window_tokens_and_refuses_pruned_ones():
     generator = torch.Generator().manual_seed(4)
     mask = random_mask(2, 32, 8, generator)
