@@ -156,16 +156,18 @@ def fits(
 
 
 def max_batch(
-    model, masks, kind: str, prompt: int, new_tokens: int, start: int, prefill_chunk: int | None, sdpa: str
-) -> int:
-    """Largest batch whose whole generate call fits: doubling from `start`, then bisection."""
+    model, masks, kind: str, prompt: int, new_tokens: int, start: int, prefill_chunk: int | None, sdpa: str,
+    upper: int | None = None,
+) -> int:  # fmt: skip
+    """Largest batch whose whole generate call fits: doubling from `start` (first straight to `upper`, a batch
+    expected not to fit, when given), then bisection."""
     low, high = 0, start
 
     def fits_at(batch: int) -> bool:
         return fits(model, masks, kind, batch, prompt, new_tokens, prefill_chunk, sdpa)
 
     while fits_at(high):
-        low, high = high, high * 2
+        low, high = high, upper if upper is not None and upper > high else high * 2
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits_at(middle) else (low, middle)
@@ -179,6 +181,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--masks", default="llama-3.1-8b-instruct")
     parser.add_argument("--find-max-batch", action="store_true")
+    parser.add_argument(
+        "--upper-batch", type=int, help="a batch expected not to fit: the search tries it after --batch, then bisects"
+    )
     parser.add_argument("--prefill-chunk", type=int, help="generate's prefill_chunk_size (both caches)")
     parser.add_argument("--skip-equal-batch", action="store_true", help="only search the largest batch")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setup at equal batch (medians)")
@@ -243,7 +248,7 @@ def main() -> None:
     if args.find_max_batch:
         largest = {
             kind: max_batch(model, masks, kind, args.prompt, args.new_tokens, args.batch, args.prefill_chunk,
-                            backends[0])
+                            backends[0], args.upper_batch)
             for kind in kinds
         }  # fmt: skip
         ratio = f" ({largest['LeanKCache'] / max(largest['DynamicCache'], 1):.2f}x)" if len(largest) == 2 else ""
