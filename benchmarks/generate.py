@@ -207,10 +207,13 @@ def main() -> None:
     setups = [(kind, sdpa) for kind in kinds for sdpa in backends]
     if args.setups:
         setups = [tuple(setup.split(":")) for setup in args.setups.split(",")]
-    for kind, sdpa in setups:  # warm-up at the measured shape: compilation stays out of the numbers
-        run(model, masks, kind, args.batch, args.prompt, 8, sdpa=sdpa, max_cache_len=args.prompt + args.new_tokens)
     rows = []
     if not args.skip_equal_batch:
+        for kind, sdpa in setups:  # warm-up at the measured shape: compilation stays out of the numbers
+            run(
+                model, masks, kind, args.batch, args.prompt, 8, args.prefill_chunk, sdpa,
+                max_cache_len=args.prompt + args.new_tokens,
+            )  # fmt: skip
         runs = {setup: [] for setup in setups}
         for _ in range(args.repeats):  # interleaved, so that a slow spell of the host hits every setup alike
             for kind, sdpa in setups:
