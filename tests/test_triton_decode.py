@@ -192,20 +192,27 @@ def test_every_tuning_gives_the_same_attention(tuning):
     assert_close(leank_decode_triton(query, cache, 0.1, tuning), reference(query, cache, 0.1), dtype)
 
 
-@pytest.mark.parametrize("min_split_tokens", [256, 48, 16], ids=["splits-le-16", "splits-le-32", "splits-over-64"])
-def test_merge_tiles_of_every_split_count_bucket(min_split_tokens):
-    """Up to 16, up to 32 and over 64 splits (two merge steps of 64), head_dim 128 cut into channel tiles."""
-    from leank_hf.kernels.decode import _merge_tile
+@pytest.mark.parametrize(
+    ("slots", "tile"),
+    [(10, (16, 64)), (25, (32, 32)), (50, (64, 32)), (100, (128, 16)), (150, (128, 16))],
+    ids=["splits-le-16", "splits-le-32", "splits-le-64", "splits-le-128", "splits-over-128"],
+)
+def test_merge_tiles_of_every_split_count_bucket(monkeypatch, slots, tile):
+    """Every split tile of the merge (16, 32, 64, 128 splits), and more splits than one tile holds (two merge steps
+    of 128), head_dim 128 cut into channel tiles. The split count follows the programs the GPU holds at once (one
+    middle row here: one split per program of a wave), so the test sets that number."""
+    from leank_hf.kernels import decode
 
+    monkeypatch.setattr(decode, "_slots", lambda *args: slots)
     dtype = DTYPES[-1]
-    cache = random_cache(1, 2, 128, 16, 4, 1200, 40, dtype, seed=min_split_tokens, prune_head=1)
+    cache = random_cache(1, 2, 128, 16, 4, 2400, 40, dtype, seed=slots, prune_head=1)
     query = torch.randn(1, 4, 1, 128, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
-    tuning = DecodeTuning(block_n=16, min_split_tokens=min_split_tokens, max_waves=256)
-    assert_close(leank_decode_triton(query, cache, 0.1, tuning), reference(query, cache, 0.1), dtype)
-    assert [_merge_tile(splits, 128) for splits in (1, 16, 17, 32, 33, 76)] == [(16, 64)] * 2 + [(32, 32)] * 2 + [
-        (64, 32)
-    ] * 2
-    assert _merge_tile(5, 16) == (16, 16), "a channel tile never wider than the head"
+    decoder = LeanKDecoder(DecodeTuning(block_n=16, min_split_tokens=16))
+    assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
+    splits = decoder._split_plan[1][1] + 1  # the middle's, and one full-width split (sink 4 + window 40)
+    assert decode._merge_tile(splits, 128) == tile
+    assert (splits > 128) == (slots == 150)
+    assert decode._merge_tile(5, 16) == (16, 16), "a channel tile never wider than the head"
 
 
 def test_heads_keeping_none_few_and_all_channels_share_one_launch():
