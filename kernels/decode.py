@@ -282,7 +282,7 @@ def _merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
     H100 this took the merge from 2.4 to 2.1 us at batch 1 (63 splits) and from 6.4 to 3.6 us at batch 32 (10 splits)
     against one 64 x head_dim tile (benchmarks/results/decode_merge_tiles_h100.txt); reading up to 128 splits in one
     step instead of two steps of 64 took it from 2.1-2.4 to 1.5-1.9 us at batch 1 from 32K tokens
-    (benchmarks/results/decode_merge_tiles_128_h100.txt)."""
+    (`benchmarks/merge_share.py`, side by side: benchmarks/results/merge_share_tile128_ab_h100.txt)."""
     block_s = min(128, max(16, 1 << (num_splits - 1).bit_length()))
     return block_s, min(head_dim, _MERGE_CHANNELS[block_s])
 
