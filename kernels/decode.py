@@ -276,18 +276,18 @@ def _merge_kernel(
     tl.store(Out + b * stride_fb + hq * stride_fh + offs_d, out.to(Out.dtype.element_ty))
 
 
+_MERGE_CHANNELS = {16: 64, 32: 32, 64: 32, 128: 16}  # channels per merge program, by its split tile
+
+
 def _merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
     """(splits, channels) one merge program reduces per step. Splits: the split count rounded up to a power of two
     in [16, 128] (a few buckets, so lengths never recompile it); fewer splits leave room for more channels. On an
     H100 this took the merge from 2.4 to 2.1 us at batch 1 (63 splits) and from 6.4 to 3.6 us at batch 32 (10 splits)
     against one 64 x head_dim tile (benchmarks/results/decode_merge_tiles_h100.txt); reading up to 128 splits in one
-    step instead of two steps of 64 took it from 2.1-2.4 to 1.5-1.9 us at batch 1 from 32K tokens
+    step instead of two steps of 64 took it from 1.9-2.6 to 1.6-1.9 us at batch 1 from 32K tokens
     (`benchmarks/merge_share.py`, side by side: benchmarks/results/merge_share_tile128_ab_h100.txt)."""
     block_s = min(128, max(16, 1 << (num_splits - 1).bit_length()))
     return block_s, min(head_dim, _MERGE_CHANNELS[block_s])
-
-
-_MERGE_CHANNELS = {16: 64, 32: 32, 64: 32, 128: 16}  # channels per merge program, by its split tile
 
 
 def supports(query: torch.Tensor, cache: PrunedKV) -> bool:

@@ -212,7 +212,14 @@ def test_merge_tiles_of_every_split_count_bucket(monkeypatch, slots, tile):
     splits = decoder._split_plan[1][1] + 1  # the middle's, and one full-width split (sink 4 + window 40)
     assert decode._merge_tile(splits, 128) == tile
     assert (splits > 128) == (slots == 150)
-    assert decode._merge_tile(5, 16) == (16, 16), "a channel tile never wider than the head"
+
+
+def test_merge_tile_buckets_at_their_edges():
+    from leank_hf.kernels.decode import _merge_tile
+
+    tiles = [_merge_tile(splits, 128) for splits in (1, 16, 17, 32, 33, 64, 65, 128, 129, 150)]
+    assert tiles == [(16, 64)] * 2 + [(32, 32)] * 2 + [(64, 32)] * 2 + [(128, 16)] * 4
+    assert _merge_tile(5, 16) == (16, 16), "a channel tile never wider than the head"
 
 
 def test_heads_keeping_none_few_and_all_channels_share_one_launch():
