@@ -89,6 +89,8 @@ SHAPES = [
     pytest.param(2, 1, 1, 32, 16, 3, 65, 1, id="mha-single-head-window-1"),
     pytest.param(1, 8, 1, 128, 32, 16, 300, 17, id="mqa-head128"),
     pytest.param(2, 4, 2, 64, 16, 40, 20, 200, id="full-width-tokens-over-several-splits"),
+    # 40 + 89 = 128 + 1 full-width tokens: this step's token alone opens the second share (DecodeTuning's 128 each)
+    pytest.param(2, 4, 2, 64, 16, 40, 20, 89, id="this-steps-token-opens-a-full-width-split"),
 ]
 
 
@@ -142,7 +144,10 @@ def test_middle_length_read_on_the_device(batch, hq, h, d, align, sink, middle, 
     scalar) are read: slots past it hold NaN here, so reading one cannot pass. Lengths shorter than some rows'
     `middle_start`, zero, and the whole capacity included; one decoder follows the length as it changes."""
     seed = hash((batch, hq, h, d, sink, middle, window, "length")) % 2**31
-    cache = random_cache(batch, h, d, align, sink, middle + 40, window, torch.float16, seed)
+    cache = random_cache(
+        batch, h, d, align, sink, middle + 40, window, torch.float16, seed, prune_head=0 if h > 1 else None
+    )
+    assert cache.layout.value_rows > 0, "no head keeps channels: nothing reads the middle"
     query = torch.randn(batch, hq, 1, d, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.float16)
     decoder = LeanKDecoder()
     for length in sorted({0, middle // 3, middle, middle + 40}):
@@ -176,20 +181,34 @@ def test_decoder_reads_the_cache_again_only_when_its_version_changes(monkeypatch
 
 
 TUNINGS = [
-    pytest.param(DecodeTuning(block_n=16, min_split_tokens=16, max_waves=64), id="many-small-splits"),
-    pytest.param(DecodeTuning(block_n=16, num_stages=3, min_split_tokens=32, max_waves=8), id="three-stages"),
-    pytest.param(DecodeTuning(block_n=32, num_warps=8, min_split_tokens=48), id="block32-8warps-uneven-splits"),
-    pytest.param(DecodeTuning(block_n=64, max_waves=1, min_split_tokens=1024), id="one-split-per-head"),
-    pytest.param(DecodeTuning(block_n=16, full_split_tokens=48), id="full-width-splits-of-48"),
+    # tuning, and the plan it gives here: (tokens per middle split, middle splits, full-width splits)
+    pytest.param(DecodeTuning(block_n=16, min_split_tokens=16, max_waves=64), (32, 10, 2), id="many-small-splits"),
+    pytest.param(
+        DecodeTuning(block_n=16, num_stages=3, min_split_tokens=32, max_waves=8), (48, 7, 2), id="three-stages"
+    ),
+    pytest.param(
+        DecodeTuning(block_n=32, num_warps=8, min_split_tokens=48), (80, 4, 2), id="block32-8warps-uneven-splits"
+    ),
+    pytest.param(DecodeTuning(block_n=64, max_waves=1, min_split_tokens=1024), (304, 1, 2), id="one-split-per-head"),
+    pytest.param(DecodeTuning(block_n=16, full_split_tokens=48), (304, 1, 4), id="full-width-splits-of-48"),
 ]
 
 
-@pytest.mark.parametrize("tuning", TUNINGS)
-def test_every_tuning_gives_the_same_attention(tuning):
+@pytest.mark.parametrize(("tuning", "plan"), TUNINGS)
+def test_every_tuning_gives_the_same_attention(monkeypatch, tuning, plan):
+    """The split plan follows the programs the GPU holds at once (with the CPU's 4, "uneven-splits" planned one middle
+    split, and an H100 plans splits of 64 there), so the test sets 13: the 9 middle rows (3 rows x 3 heads keeping
+    channels) then get the plans named on any device (uneven: splits of 80 tokens, 2.5 tiles of 32). num_warps and
+    num_stages reach only the compiled kernel."""
+    from leank_hf.kernels import decode
+
+    monkeypatch.setattr(decode, "_slots", lambda *args: 13)
     dtype = DTYPES[-1]
     cache = random_cache(3, 4, 64, 16, 5, 300, 140, dtype, seed=7)
     query = torch.randn(3, 8, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
-    assert_close(leank_decode_triton(query, cache, 0.1, tuning), reference(query, cache, 0.1), dtype)
+    decoder = LeanKDecoder(tuning)
+    assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
+    assert (*decoder._split_plan[1], -(-(5 + 140) // tuning.full_split_tokens)) == plan
 
 
 @pytest.mark.parametrize(
@@ -262,9 +281,12 @@ def test_kernel_matches_reference_at_real_shapes(dtype, batch, middle):
     assert_close(out, reference(query, cache, 128**-0.5), dtype)
 
 
-def test_cache_with_gaps_in_real_middle_tokens_takes_the_reference_path():
-    """`leank_attention` dispatches a cache whose middle_start is unknown to the PyTorch path, on any device."""
-    from leank_hf.kernels import leank_attention
+def test_cache_with_gaps_in_real_middle_tokens_takes_the_reference_path(monkeypatch):
+    """`leank_attention` dispatches a cache whose middle_start is unknown to the PyTorch path, on any device (the CPU
+    is made a kernel device here, or its tensors would take that path whatever the cache; the kernel raises on it)."""
+    from leank_hf.kernels import LeanKAttention, leank_attention
+
+    monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
 
     dtype = DTYPES[-1]
     cache = random_cache(2, 2, 64, 16, 4, 90, 6, dtype, seed=21)
@@ -456,20 +478,21 @@ def test_middle_splits_at_batch_8_on_an_h100():
     assert _middle_splits(DecodeTuning(), 52, 0, 396)[1] == 0
 
 
-def test_a_copied_layer_attention_starts_without_launch_state():
-    """Deep-copying a cache copies its layers; their `LeanKAttention` must not carry compiled kernels along."""
+def test_a_copied_layer_attention_starts_without_launch_state(monkeypatch):
+    """Deep-copying a cache copies its layers; their `LeanKAttention` must not carry compiled kernels along. The CPU
+    is made a kernel device, so that both run the kernel (the interpreter there) rather than the reference."""
     import copy
 
     from leank_hf.kernels import LeanKAttention
 
+    monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
     dtype = DTYPES[-1]
     cache = random_cache(2, 2, 64, 16, 4, 120, 20, dtype, seed=51)
     query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(52)).to(DEVICE, dtype)
     attention = LeanKAttention()
     attention(query, cache, 0.1)
-    if attention._decoder is None:  # on the CPU the reference ran: give it a decoder with launch state anyway
-        attention._decoder = LeanKDecoder()
-        attention._decoder(query, cache, 0.1)
+    assert attention._decoder is not None, "the kernel did not run"
     copied = copy.deepcopy(attention)
     assert copied._decoder is None
     assert_close(copied(query, cache, 0.1), reference(query, cache, 0.1), dtype)
+    assert copied._decoder not in (None, attention._decoder)
