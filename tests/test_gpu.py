@@ -11,7 +11,7 @@ from leank_hf import LeanKCache
 from leank_hf.cache_layer import LeanKLayer
 
 from .conftest import tiny_model
-from .test_cache_generate import generate_both, keep_all, left_padded_batch, pruned
+from .test_cache_generate import assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
 from .test_cache_layer import drive_layer, random_mask
 from .test_masks import REFERENCE_MASKS
 from .tolerances import assert_close
@@ -66,3 +66,4 @@ def test_bf16_generate_on_cuda_runs_the_pruned_path(family):
     dense = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), max_new_tokens=1,
                            do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(out[:, : dense.shape[1]], dense)
+    assert_pruned_path_ran(cache)

@@ -54,13 +54,16 @@ def test_download_from_the_hub_then_offline_from_the_cache(repo_folder, hub_env)
         result = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url})
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == [f"{masks.keep_ratio:.4f}", "someone/base"]
-    # Server gone: HF_HUB_OFFLINE=1 loads from the Hub cache filled above.
-    offline = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url, "HF_HUB_OFFLINE": "1"})
+    # HF_HUB_OFFLINE=1 loads from the Hub cache filled above, and local_files_only=True likewise: neither asks the
+    # Hub, although one is there (with none, huggingface_hub falls back to the cache anyway).
+    server = HubServer(folder, "someone/masks")
+    with server as url:
+        offline = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url, "HF_HUB_OFFLINE": "1"})
+        local_only = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url}, "local_files_only=1")
     assert offline.returncode == 0, offline.stderr
     assert offline.stdout.split()[0] == f"{masks.keep_ratio:.4f}"
-    # local_files_only=True likewise.
-    local_only = load_in_subprocess("someone/masks", {**hub_env, "HF_ENDPOINT": url}, "local_files_only=1")
     assert local_only.returncode == 0, local_only.stderr
+    assert server.requests == []
 
 
 def test_download_fetches_only_the_repo_files(repo_folder, hub_env):

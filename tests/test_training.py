@@ -248,12 +248,12 @@ class Recorder(TrainerCallback):
 
 
 def train_tiny(tokenizer, output_dir, *, max_steps=8, stage1=4, save_steps=100, resume=None, callbacks=(),
-               schedule="constant"):  # fmt: skip
+               schedule="constant", learning_rate=0.2):  # fmt: skip
     model = tiny_llama(len(tokenizer))
     learner = prepare_for_mask_learning(model, sink=SINK, recent=16)
     data = make_retrieval_dataset(tokenizer, lengths=(100, 160), n=16, facts=(1, 2))
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=0.2,
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=learning_rate,
         lr_scheduler_type=schedule, logging_steps=2, save_steps=save_steps, report_to="none", seed=0, use_cpu=True,
         disable_tqdm=True,
     )  # fmt: skip
@@ -267,14 +267,16 @@ def train_tiny(tokenizer, output_dir, *, max_steps=8, stage1=4, save_steps=100, 
 
 def test_trainer_runs_both_stages_clamps_logs_and_saves(smollm2_tokenizer, tmp_path):
     recorder = Recorder()
-    learner, trainer = train_tiny(smollm2_tokenizer, tmp_path, save_steps=3, callbacks=[recorder])
+    # Stage 1's L1 penalty moves every scale down by the learning rate per Adam step: 1 - 4 x 0.3 < 0 at step 4.
+    learner, trainer = train_tiny(smollm2_tokenizer, tmp_path, save_steps=3, callbacks=[recorder], learning_rate=0.3)
     steps = recorder.steps
     assert [s["step"] for s in steps] == list(range(1, 9))
     assert all(s["min"] >= 0.0 and s["max"] <= 1.0 for s in steps), "scales stay in [0, 1]"
+    assert steps[3]["min"] == 0.0, "the clamp held scales that stage 1 pushed below 0"
     assert steps[0]["max"] < 1.0, "the L1 penalty pulls scales down in stage 1"
     assert [s["stage"] for s in steps] == ["continuous"] * 4 + ["binary"] * 4
     assert [s["l1_weight"] for s in steps] == [0.5] * 4 + [0.0] * 4
-    assert [s["lr"] for s in steps] == [0.2] * 4 + [0.05] * 4
+    assert [s["lr"] for s in steps] == [0.3] * 4 + [0.05] * 4
     assert steps[4]["adam_step"] == 1, "stage 2 starts with fresh optimizer moments"
 
     logged = [entry for entry in trainer.state.log_history if "leank/distillation" in entry]
