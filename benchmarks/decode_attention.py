@@ -149,12 +149,10 @@ def bench_sdpa(query: torch.Tensor, context: int, scaling: float, flush: L2Flush
     ms (graph, graph with a dirty L2, eager; and per call in a graph of up to `layers` calls back to back, each on a
     cache of its own, as many as `STEP_BYTES` holds, with the fastest backend there) and the K/V bytes it reads."""
     layer_bytes = 2 * query.shape[0] * KV_HEADS * context * HEAD_DIM * 2
+    shape = (query.shape[0], KV_HEADS, context, HEAD_DIM)
     caches = [
-        (keys, torch.randn_like(keys))
-        for keys in (
-            torch.randn(query.shape[0], KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-            for _ in range(max(2, min(layers, STEP_BYTES // layer_bytes)))
-        )
+        tuple(torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in ("keys", "values"))
+        for _ in range(max(2, min(layers, STEP_BYTES // layer_bytes)))
     ]
     best, step_ms = None, float("inf")
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):

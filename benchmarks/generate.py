@@ -69,10 +69,11 @@ def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
-    unknown = sorted(set(name.split("+")) - set(names))
+    parts = name.split("+")
+    unknown = sorted(set(parts) - set(names))
     if unknown:
         raise ValueError(f"unknown SDPA backend {'+'.join(unknown)!r}; use default or {sorted(names)} joined by +")
-    return sdpa_kernel([names[part] for part in name.split("+")])
+    return sdpa_kernel([names[part] for part in parts])
 
 
 class StepClock(LogitsProcessor):

@@ -162,6 +162,7 @@ def test_decode_flushes_without_padding_read_nothing_back_from_the_gpu(monkeypat
     the host, reading nothing back from the GPU; with padding every flush does. Outputs match the dense definition
     either way."""
     reads, flushing = [], []
+    settle = LeanKLayer.settle
 
     def counted(name):  # every way of reading a tensor's values on the host, counted inside `settle` (the flush)
         method = getattr(torch.Tensor, name)
@@ -182,7 +183,6 @@ def test_decode_flushes_without_padding_read_nothing_back_from_the_gpu(monkeypat
 
     for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
-    settle = LeanKLayer.settle
     monkeypatch.setattr(LeanKLayer, "settle", settle_counted)
     generator = torch.Generator().manual_seed(9)
     for pads, decode_flushes_reading in (([0, 0], 0), ([0, 3], 7)):  # 28 steps, a flush every 4

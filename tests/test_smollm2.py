@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import subprocess
 import sys
@@ -22,8 +23,10 @@ pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "long_context_qa.py"
 
 
+@functools.cache
 def example() -> ModuleType:
-    """The README demo's module (`examples/long_context_qa.py`): its logbook prose and question prompts."""
+    """The README demo's module (`examples/long_context_qa.py`): its logbook prose and question prompts (imported
+    once: the path goes onto `sys.path` once)."""
     sys.path.insert(0, str(EXAMPLE.parent))
     import long_context_qa
 
