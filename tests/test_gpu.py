@@ -22,8 +22,14 @@ LLAMA_MASK = REFERENCE_MASKS / "llama-3.1-8b-instruct.safetensors"
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layer_index", [0, 17])
-def test_decode_at_llama8b_shape_matches_dense_definition(dtype, layer_index):
-    """32 q heads, 8 KV heads, head_dim 128, sink 64 / recent 256, 2K-token prompts with padding, one flush."""
+def test_decode_at_llama8b_shape_matches_dense_definition(dtype, layer_index, monkeypatch):
+    """32 q heads, 8 KV heads, head_dim 128, sink 64 / recent 256, 2K-token prompts with padding, one flush; every
+    one-token step through the Triton kernel."""
+    from leank_hf.kernels import decode
+
+    decoder_calls = []
+    call = decode.LeanKDecoder.__call__
+    monkeypatch.setattr(decode.LeanKDecoder, "__call__", lambda *a, **k: decoder_calls.append(1) or call(*a, **k))
     generator = torch.Generator().manual_seed(layer_index)
     if LLAMA_MASK.is_file():
         mask = load_file(LLAMA_MASK)["channel_mask"][layer_index].bool()
@@ -36,6 +42,7 @@ def test_decode_at_llama8b_shape_matches_dense_definition(dtype, layer_index):
             rows = query_valid[:, None, :].expand(-1, 32, -1)
             assert_close(output[rows], expected[rows], dtype)
     assert layer.view().middle_keys.device.type == "cuda"
+    assert len(decoder_calls) == len(steps) - 1
 
 
 def test_layers_split_across_cuda_and_cpu():
@@ -55,6 +62,8 @@ def test_layers_split_across_cuda_and_cpu():
         assert layer.layout.packed_index.device.type == device, "masks live on their layer's device"
     pruned_cache = LeanKCache(pruned(model), model)
     model.generate(**inputs, past_key_values=pruned_cache, max_new_tokens=8, pad_token_id=0)
+    assert_pruned_path_ran(pruned_cache)
+    assert [layer.view().middle_keys.device.type for layer in pruned_cache.layers] == devices
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])

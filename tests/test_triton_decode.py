@@ -124,7 +124,7 @@ def test_kernel_writes_this_steps_token_as_it_attends(batch, hq, h, d, align, si
     query = torch.randn(batch, hq, 1, d, generator=gen).to(DEVICE, dtype)
     keys = torch.randn(batch, h, 1, d, generator=gen).to(DEVICE, dtype)
     values = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
-    valid = (torch.arange(batch) % 2 == 0)[:, None].to(DEVICE) if padded else None
+    valid = (torch.arange(batch) % 2 == 1)[:, None].to(DEVICE) if padded else None  # row 0 pads: batch 1 too
     new = NewTokens(keys, values, valid)
     written = window_copies(cache)
     new.write(written)
