@@ -14,6 +14,7 @@ from leank_hf.baselines import random_masks, think_masks
 from leank_hf.data import prose_text
 from leank_hf.eval import (
     FULL_CACHE,
+    answers_correctly,
     decoded_logits,
     evaluate,
     format_table,
@@ -126,6 +127,61 @@ def test_evaluate_end_to_end(smollm2_tokenizer, tmp_path):
     assert table.count("\n") == len(rows) + 1 and "| random | 0.20 |" in table
     plot_accuracy(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_scores_retrieval_only_on_tasks_the_full_cache_solves(smollm2_tokenizer, monkeypatch):
+    """The random tiny model solves no task, so `test_evaluate_end_to_end` never counts one: here the answer check is
+    scripted (the full cache solves tasks 0 and 2; keep-all masks answer, random ones do not) to check the counting."""
+    model = tiny_llama(len(smollm2_tokenizer))
+    spec = ModelSpec.from_model(model)
+    keep_all = LeanKMasks(torch.ones(2, 2, 32, dtype=torch.bool), sink=4, recent=16, block_size=8)
+    full_cache_answers, full_cache_tasks, asked = [True, False, True], [], []
+
+    def scripted(model, tokenizer, prompt_ids, answer, cache):
+        if isinstance(cache, LeanKCache):
+            asked.append(prompt_ids)
+            return cache.masks is keep_all
+        full_cache_tasks.append(prompt_ids)
+        return full_cache_answers[len(full_cache_tasks) - 1]
+
+    monkeypatch.setattr("leank_hf.eval.answers_correctly", scripted)
+    methods = {
+        "keep all": lambda ratio, prompt: keep_all,
+        "random": lambda ratio, prompt: random_masks(spec, ratio, sink=4, recent=16, block_size=8),
+    }
+    rows = evaluate(model, smollm2_tokenizer, methods, (0.5,), text_tokens=160, positions=24, texts=1,
+                    retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    assert rows[0]["full_cache_solved"] == "2/3"
+    assert {r["method"]: r["retrieval"] for r in rows[1:]} == {"keep all": 1.0, "random": 0.0}
+    solved = [full_cache_tasks[0], full_cache_tasks[2]]
+    assert asked == solved * 2, "each method is asked the solved tasks only"
+
+    full_cache_answers, full_cache_tasks = [False] * 3, []
+    rows = evaluate(model, smollm2_tokenizer, methods, (0.5,), text_tokens=160, positions=24, texts=1,
+                    retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    assert rows[0]["full_cache_solved"] == "0/3" and [r["retrieval"] for r in rows[1:]] == [None, None]
+
+
+def test_answers_correctly_reads_only_the_generated_text(smollm2_tokenizer):
+    """Retrieval prompts contain their answer: only the tokens generated after the prompt may count."""
+    prompt = smollm2_tokenizer("The code is 7311. Other text. What is the code?", add_special_tokens=False)
+    prompt_ids = prompt["input_ids"]
+
+    class Scripted:
+        device = torch.device("cpu")
+        reply = ""
+
+        def generate(self, ids, past_key_values, max_new_tokens, do_sample, **kwargs):
+            assert past_key_values == "the cache" and not do_sample
+            assert max_new_tokens > len(smollm2_tokenizer("7311", add_special_tokens=False)["input_ids"])
+            reply = smollm2_tokenizer(self.reply, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            return torch.cat([ids, reply], dim=1)
+
+    model = Scripted()
+    model.reply = " The code is 7311."
+    assert answers_correctly(model, smollm2_tokenizer, prompt_ids, "7311", "the cache")
+    model.reply = " I do not know."
+    assert not answers_correctly(model, smollm2_tokenizer, prompt_ids, "7311", "the cache")
 
 
 def test_heldout_windows(smollm2_tokenizer):
