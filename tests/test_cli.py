@@ -113,13 +113,17 @@ def test_train_then_resume_then_eval(tiny_model_dir, tmp_path, capsys):
     assert first.base_model == "org/tiny"
     assert (out / "checkpoint-2" / "leank_masks" / "leank_config.json").is_file()
 
-    # A finished run has nothing to resume; a run stopped at the stage switch resumes to the same masks.
+    # A finished run has nothing to resume; a run stopped at the stage switch resumes to the same masks, from its
+    # checkpoint: a fresh run would train steps 1-2 again and save checkpoint-2 over the one it had.
     assert main(["train", *common, "--resume"]) == 2
     assert "already finished" in capsys.readouterr().err
     shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "leank_masks")
+    stopped_state = (out / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns
     assert main(["train", *common, "--resume"]) == 0
     assert LeanKMasks.from_pretrained(out / "leank_masks") == first
+    assert (out / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == stopped_state
+    assert (out / "checkpoint-4").is_dir()
     capsys.readouterr()
 
     record = tmp_path / "record"
