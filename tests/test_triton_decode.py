@@ -198,17 +198,29 @@ TUNINGS = [
 def test_every_tuning_gives_the_same_attention(monkeypatch, tuning, plan):
     """The split plan follows the programs the GPU holds at once (with the CPU's 4, "uneven-splits" planned one middle
     split, and an H100 plans splits of 64 there), so the test sets 13: the 9 middle rows (3 rows x 3 heads keeping
-    channels) then get the plans named on any device (uneven: splits of 80 tokens, 2.5 tiles of 32). num_warps and
-    num_stages reach only the compiled kernel."""
+    channels) then get the plans named on any device (uneven: splits of 80 tokens, 2.5 tiles of 32). The plan is
+    (tokens per middle split, middle splits, full-width splits), the last read off the split launch's grid.
+    num_warps and num_stages reach only the compiled kernel."""
     from leank_hf.kernels import decode
 
     monkeypatch.setattr(decode, "_slots", lambda *args: 13)
+    grids = []
+    launch = decode._launch
+
+    def recording_launch(kernel, compiled, grid, *args):
+        grids.append((kernel, grid))
+        return launch(kernel, compiled, grid, *args)
+
+    monkeypatch.setattr(decode, "_launch", recording_launch)
     dtype = DTYPES[-1]
     cache = random_cache(3, 4, 64, 16, 5, 300, 140, dtype, seed=7)
     query = torch.randn(3, 8, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
     decoder = LeanKDecoder(tuning)
     assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
-    assert (*decoder._split_plan[1], -(-(5 + 140) // tuning.full_split_tokens)) == plan
+    ((split_grid,),) = [grid for kernel, grid in grids if kernel is decode._leank_decode_kernel]
+    split_tokens, middle_splits = decoder._split_plan[1]
+    full_width_programs = split_grid - 3 * 3 * middle_splits  # batch 3 x 3 value rows per middle split
+    assert (split_tokens, middle_splits, full_width_programs / (3 * 4)) == plan  # batch 3 x 4 heads per share
 
 
 @pytest.mark.parametrize(
