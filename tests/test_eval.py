@@ -156,7 +156,8 @@ def test_evaluate_scores_retrieval_only_on_tasks_the_full_cache_solves(smollm2_t
     solved = [full_cache_tasks[0], full_cache_tasks[2]]
     assert asked == solved * 2, "each method is asked the solved tasks only"
 
-    full_cache_answers, full_cache_tasks = [False] * 3, []
+    full_cache_answers[:] = [False] * 3  # now the full cache solves nothing
+    full_cache_tasks.clear()
     rows = evaluate(model, smollm2_tokenizer, methods, (0.5,), text_tokens=160, positions=24, texts=1,
                     retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
     assert rows[0]["full_cache_solved"] == "0/3" and [r["retrieval"] for r in rows[1:]] == [None, None]
