@@ -110,3 +110,16 @@ def smollm2():
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
     return model, tokenizer
+
+
+@pytest.fixture
+def decoder_calls(monkeypatch) -> list:
+    """One entry per call of the Triton decode kernel's `LeanKDecoder` (a test of a path that should reach the kernel
+    counts them: on the CPU, a dispatch slip silently runs the reference instead)."""
+    pytest.importorskip("triton")
+    from leank_hf.kernels import decode
+
+    calls = []
+    call = decode.LeanKDecoder.__call__
+    monkeypatch.setattr(decode.LeanKDecoder, "__call__", lambda *a, **k: calls.append(1) or call(*a, **k))
+    return calls

@@ -123,18 +123,12 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize(("sink", "recent", "block", "steps", "pads", "hq", "h", "d"), KERNEL_CASES)
 def test_layer_attention_through_the_decode_kernel_matches_dense_definition(
-    sink, recent, block, steps, pads, hq, h, d, monkeypatch
+    sink, recent, block, steps, pads, hq, h, d, monkeypatch, decoder_calls
 ):  # fmt: skip
     """One-token steps go through the Triton decode kernel (Triton's interpreter on the CPU), which writes the step's
     token into the window itself and is told by the layer's stores version when to read the stores again. Then a
     beam reorder, and more steps."""
-    pytest.importorskip("triton")
-    from leank_hf.kernels import decode
-
     monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
-    decoder_calls = []
-    call = decode.LeanKDecoder.__call__
-    monkeypatch.setattr(decode.LeanKDecoder, "__call__", lambda *a, **k: decoder_calls.append(1) or call(*a, **k))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16  # the interpreter emulates bf16 wrongly (see test_triton_decode)
     generator = torch.Generator().manual_seed(hash((sink, recent, block, len(steps), hq, d)) % 2**31)

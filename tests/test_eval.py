@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -149,8 +150,9 @@ def test_evaluate_scores_retrieval_only_on_tasks_the_full_cache_solves(smollm2_t
         "keep all": lambda ratio, prompt: keep_all,
         "random": lambda ratio, prompt: random_masks(spec, ratio, sink=4, recent=16, block_size=8),
     }
-    rows = evaluate(model, smollm2_tokenizer, methods, (0.5,), text_tokens=160, positions=24, texts=1,
-                    retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    run = functools.partial(evaluate, model, smollm2_tokenizer, methods, (0.5,), text_tokens=160, positions=24,
+                            texts=1, retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    rows = run()
     assert rows[0]["full_cache_solved"] == "2/3"
     assert {r["method"]: r["retrieval"] for r in rows[1:]} == {"keep all": 1.0, "random": 0.0}
     solved = [full_cache_tasks[0], full_cache_tasks[2]]
@@ -158,8 +160,7 @@ def test_evaluate_scores_retrieval_only_on_tasks_the_full_cache_solves(smollm2_t
 
     full_cache_answers[:] = [False] * 3  # now the full cache solves nothing
     full_cache_tasks.clear()
-    rows = evaluate(model, smollm2_tokenizer, methods, (0.5,), text_tokens=160, positions=24, texts=1,
-                    retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    rows = run()
     assert rows[0]["full_cache_solved"] == "0/3" and [r["retrieval"] for r in rows[1:]] == [None, None]
 
 
