@@ -65,8 +65,9 @@ class LeanKLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    # `crop` can only drop tokens that are still in the full-width recent window.
-    is_croppable = False
+    # Assisted decoding (transformers >= 5.24 checks this flag) rolls back a few draft tokens, which are still in the
+    # full-width recent window; `crop` raises if asked for older, already pruned tokens.
+    is_croppable = True
 
     def __init__(self, channel_mask: torch.Tensor, sink: int, recent: int, block_size: int) -> None:
         super().__init__()

@@ -33,6 +33,7 @@ class StaticLeanKLayer(LeanKLayer):
     """
 
     is_compileable = True
+    is_croppable = False  # fixed-size stores are written in place: nothing is kept to roll back to
 
     def __init__(self, channel_mask: torch.Tensor, sink: int, recent: int, block_size: int, max_cache_len: int) -> None:
         super().__init__(channel_mask, sink, recent, block_size)
