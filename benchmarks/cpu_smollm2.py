@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.cli import embedded_model_path
+from leank_hf.compat import cache_kwargs
 
 
 def decode_seconds_per_token(model, ids: torch.Tensor, make_cache, new_tokens: int) -> tuple[float, object]:
@@ -24,11 +25,11 @@ def decode_seconds_per_token(model, ids: torch.Tensor, make_cache, new_tokens: i
     mask = torch.ones_like(ids)
     with torch.no_grad():
         start = time.perf_counter()
-        model.generate(ids, attention_mask=mask, past_key_values=make_cache(), max_new_tokens=1, do_sample=False)
+        model.generate(ids, attention_mask=mask, **cache_kwargs(make_cache()), max_new_tokens=1, do_sample=False)
         prefill = time.perf_counter() - start
         cache = make_cache()
         start = time.perf_counter()
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+        model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False)  # fmt: skip
         total = time.perf_counter() - start
     return (total - prefill) / (new_tokens - 1), cache

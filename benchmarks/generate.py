@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from leank_hf import LeanKCache, LeanKMasks
+from leank_hf.compat import cache_kwargs
 
 LLAMA_31_8B = {
     "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -115,7 +116,7 @@ def run(
     with torch.no_grad(), sdpa_backend(sdpa):
         model.generate(
             ids, attention_mask=torch.ones_like(ids),
-            past_key_values=make_cache(kind, model, masks, max_cache_len or prompt + new_tokens),
+            **cache_kwargs(make_cache(kind, model, masks, max_cache_len or prompt + new_tokens)),
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
             prefill_chunk_size=prefill_chunk, logits_processor=LogitsProcessorList([clock]),
         )  # fmt: skip

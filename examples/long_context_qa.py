@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.cli import embedded_model_path
+from leank_hf.compat import cache_kwargs
 
 SHIPS = ["Albatross", "Morning Star", "Kestrel", "Juniper", "Northern Light", "Saint Brendan", "Halcyon", "Marlin"]
 CARGO = ["timber", "salted cod", "copper wire", "wool bales", "coal", "olive oil", "tea chests", "iron nails"]
@@ -90,7 +91,7 @@ def answer(model, tokenizer, input_ids: torch.Tensor, cache, max_new_tokens: int
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+            input_ids, attention_mask=torch.ones_like(input_ids), **cache_kwargs(cache),
             max_new_tokens=max_new_tokens, do_sample=False,
         )  # fmt: skip
     seconds = time.perf_counter() - start

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .card import describe_method
+from .compat import cache_kwargs
 from .masks import LeanKMasks
 
 EMBEDDED_MODEL = "smollm2"
@@ -234,7 +235,7 @@ def _generate(args: argparse.Namespace) -> None:
     for name, cache in caches.items():
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=False)
         text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         print(f"\n[{name}, {time.perf_counter() - start:.1f} s]\n{text}")
     print(f"\n{caches['LeanKCache'].memory_report()}")

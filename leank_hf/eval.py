@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from .architectures import ModelSpec
 from .baselines import random_masks, think_masks
 from .cache import LeanKCache
+from .compat import cache_kwargs
 from .data import prose_text
 from .masks import LeanKMasks
 from .training.data import make_retrieval_dataset
@@ -50,9 +51,9 @@ def decoded_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache, posit
     input_ids = input_ids.to(device)
     split = input_ids.shape[1] - positions
     with torch.no_grad():
-        model(input_ids=input_ids[:, :split], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids[:, :split], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         steps = [
-            model(input_ids=input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
+            model(input_ids=input_ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits[0, -1].float()
             for t in range(split, input_ids.shape[1])
         ]
     return torch.stack(steps)
@@ -73,7 +74,7 @@ def answers_correctly(model: PreTrainedModel, tokenizer, prompt_ids: list[int], 
     ids = torch.tensor([prompt_ids], device=device)
     answer_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), do_sample=False,
                              max_new_tokens=answer_tokens + 24, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
     return answer in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

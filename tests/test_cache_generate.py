@@ -10,6 +10,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from leank_hf import LeanKCache, LeanKMasks, ModelSpec
 from leank_hf.cache_layer import LeanKLayer
+from leank_hf.compat import cache_kwargs
 
 from .conftest import FAMILIES, tiny_model
 from .test_cache_layer import random_mask
@@ -48,9 +49,9 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0) -> dict[str
 def generate_both(model, masks, inputs, **kwargs):
     """(DynamicCache output, LeanKCache output, the LeanK cache) of the same generate call."""
     common = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0, **kwargs}
-    dense = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), **common)
+    dense = model.generate(**inputs, **cache_kwargs(DynamicCache(config=model.config)), **common)
     cache = LeanKCache(masks, model)
-    leank = model.generate(**inputs, past_key_values=cache, **common)
+    leank = model.generate(**inputs, **cache_kwargs(cache), **common)
     return dense, leank, cache
 
 
@@ -91,10 +92,10 @@ def test_half_precision_decode_logits_match_dynamic_cache(family, dtype):
     for name, cache in (("dense", DynamicCache(config=model.config)), ("leank", LeanKCache(keep_all(model), model))):
         mask = inputs["attention_mask"]
         with torch.no_grad():
-            out = [model(**inputs, past_key_values=cache).logits[:, -1]]
+            out = [model(**inputs, **cache_kwargs(cache)).logits[:, -1]]
             for step in range(tokens.shape[1]):
                 mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
-                out.append(model(tokens[:, step : step + 1], attention_mask=mask, past_key_values=cache).logits[:, -1])
+                out.append(model(tokens[:, step : step + 1], attention_mask=mask, **cache_kwargs(cache)).logits[:, -1])
         logits[name] = torch.stack(out)
     assert_close(logits["leank"].float(), logits["dense"].float(), dtype)
 
@@ -106,7 +107,7 @@ def test_sampling_matches_dynamic_cache_with_same_seed():
     dense = model.generate(**inputs, do_sample=True, max_new_tokens=20, pad_token_id=0)
     torch.manual_seed(7)
     leank = model.generate(
-        **inputs, do_sample=True, max_new_tokens=20, pad_token_id=0, past_key_values=LeanKCache(keep_all(model), model)
+        **inputs, do_sample=True, max_new_tokens=20, pad_token_id=0, **cache_kwargs(LeanKCache(keep_all(model), model))
     )
     assert torch.equal(dense, leank)
 
@@ -127,7 +128,7 @@ def test_num_return_sequences_with_sampling():
     torch.manual_seed(3)
     cache = LeanKCache(keep_all(model), model)
     leank = model.generate(
-        **inputs, do_sample=True, num_return_sequences=3, max_new_tokens=16, pad_token_id=0, past_key_values=cache
+        **inputs, do_sample=True, num_return_sequences=3, max_new_tokens=16, pad_token_id=0, **cache_kwargs(cache)
     )
     assert torch.equal(dense, leank)
 
@@ -137,7 +138,7 @@ def test_continuing_generation_from_a_filled_cache():
     inputs = left_padded_batch([30, 20], model.config.vocab_size)
     results = []
     for cache in (DynamicCache(config=model.config), LeanKCache(keep_all(model), model)):
-        first = model.generate(**inputs, past_key_values=cache, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        first = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=10, do_sample=False, pad_token_id=0)
         follow_up = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(0))
         ids = torch.cat([first, follow_up], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones(2, ids.shape[1] - inputs["attention_mask"].shape[1])], 1)
@@ -145,7 +146,7 @@ def test_continuing_generation_from_a_filled_cache():
             model.generate(
                 input_ids=ids,
                 attention_mask=mask.long(),
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 max_new_tokens=12,
                 do_sample=False,
                 pad_token_id=0,
@@ -180,7 +181,7 @@ def test_from_pretrained_returns_a_fresh_cache_with_memoised_masks(tmp_path):
     assert first.masks is LeanKMasks.from_pretrained(tmp_path), "a second load must reuse the loaded masks"
     assert second.recent == 12 and first.recent == WINDOWS["recent"]
     inputs = left_padded_batch([20], model.config.vocab_size)
-    model.generate(**inputs, past_key_values=first, max_new_tokens=3, pad_token_id=0)
+    model.generate(**inputs, **cache_kwargs(first), max_new_tokens=3, pad_token_id=0)
     assert second.get_seq_length() == 0
 
 
@@ -189,12 +190,12 @@ def test_memory_report_totals_and_savings():
     inputs = left_padded_batch([120, 100], model.config.vocab_size)
     masks = pruned(model)
     cache = LeanKCache(masks, model)
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=10, pad_token_id=0)
+    model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=10, pad_token_id=0)
     report = cache.memory_report()
     assert len(report.layers) == 3
     assert report.total_bytes == sum(layer.total_bytes for layer in report.layers)
     dense = DynamicCache(config=model.config)
-    model.generate(**inputs, past_key_values=dense, max_new_tokens=10, pad_token_id=0)
+    model.generate(**inputs, **cache_kwargs(dense), max_new_tokens=10, pad_token_id=0)
     assert report.dense_bytes == sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
     assert report.key_bytes < 0.75 * report.dense_bytes / 2
     assert "saved" in str(report) and report.to_markdown().count("\n") == 5
@@ -216,16 +217,16 @@ def test_output_attentions_is_refused():
     inputs = left_padded_batch([12], model.config.vocab_size)
     cache = LeanKCache(keep_all(model), model)
     with pytest.raises(ValueError, match="output_attentions"):
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=3, output_attentions=True,
+        model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=3, output_attentions=True,
                        return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
 
 
 def test_filled_cache_reused_with_another_batch_size():
     model = tiny_model("llama")
     cache = LeanKCache(keep_all(model), model)
-    model.generate(**left_padded_batch([12, 10], 90), past_key_values=cache, max_new_tokens=2, pad_token_id=0)
+    model.generate(**left_padded_batch([12, 10], 90), **cache_kwargs(cache), max_new_tokens=2, pad_token_id=0)
     with pytest.raises(ValueError, match="another batch size"):
-        model.generate(**left_padded_batch([12, 10, 9], 90), past_key_values=cache, max_new_tokens=2, pad_token_id=0)
+        model.generate(**left_padded_batch([12, 10, 9], 90), **cache_kwargs(cache), max_new_tokens=2, pad_token_id=0)
 
 
 def test_unsupported_architecture_is_named():

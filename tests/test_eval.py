@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leank_hf import LeanKCache, LeanKMasks, ModelSpec, select_channels
 from leank_hf.baselines import random_masks, think_masks
+from leank_hf.compat import CACHE_ARGUMENT
 from leank_hf.data import prose_text
 from leank_hf.eval import (
     FULL_CACHE,
@@ -173,8 +174,8 @@ def test_answers_correctly_reads_only_the_generated_text(smollm2_tokenizer):
         device = torch.device("cpu")
         reply = ""
 
-        def generate(self, ids, past_key_values, max_new_tokens, do_sample, **kwargs):
-            assert past_key_values == "the cache" and not do_sample
+        def generate(self, ids, max_new_tokens, do_sample, **kwargs):
+            assert kwargs[CACHE_ARGUMENT] == "the cache" and not do_sample
             assert max_new_tokens > len(smollm2_tokenizer("7311", add_special_tokens=False)["input_ids"])
             reply = smollm2_tokenizer(self.reply, add_special_tokens=False, return_tensors="pt")["input_ids"]
             return torch.cat([ids, reply], dim=1)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from leank_hf import LeanKCache
 from leank_hf.cache_layer import LeanKLayer
+from leank_hf.compat import cache_kwargs
 
 from .conftest import tiny_model
 from .test_cache_generate import assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
@@ -53,7 +54,7 @@ def test_layers_split_across_cuda_and_cpu():
     dense, leank, cache = generate_both(model, keep_all(model), inputs)
     assert torch.equal(dense.cpu(), leank.cpu())
     pruned_cache = LeanKCache(pruned(model), model)
-    model.generate(**inputs, past_key_values=pruned_cache, max_new_tokens=8, pad_token_id=0)
+    model.generate(**inputs, **cache_kwargs(pruned_cache), max_new_tokens=8, pad_token_id=0)
     assert_pruned_path_ran(pruned_cache)
     for layers in (cache.layers, pruned_cache.layers):
         for layer, device in zip(layers, devices, strict=True):
@@ -66,8 +67,8 @@ def test_bf16_generate_on_cuda_runs_the_pruned_path(family):
     model = tiny_model(family, torch.bfloat16).to("cuda")
     inputs = {k: v.cuda() for k, v in left_padded_batch([60, 41], model.config.vocab_size).items()}
     cache = LeanKCache(pruned(model), model)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    dense = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), max_new_tokens=1,
+    out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    dense = model.generate(**inputs, **cache_kwargs(DynamicCache(config=model.config)), max_new_tokens=1,
                            do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(out[:, : dense.shape[1]], dense)
     assert_pruned_path_ran(cache)

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.cache_layer import LeanKLayer
+from leank_hf.compat import cache_kwargs
 
 from .tolerances import assert_close
 
@@ -44,9 +45,9 @@ def test_keep_all_masks_reproduce_dynamic_cache(smollm2):
     ids = prose_ids(tokenizer, 700, seed=0)
     masks = LeanKMasks(torch.ones(30, 3, 64, dtype=torch.bool))
     common = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 70, "do_sample": False}
-    dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **common)
+    dense = model.generate(ids, **cache_kwargs(DynamicCache(config=model.config)), **common)
     cache = LeanKCache(masks, model)
-    leank = model.generate(ids, past_key_values=cache, **common)
+    leank = model.generate(ids, **cache_kwargs(cache), **common)
     assert torch.equal(dense, leank)
     assert all(layer.view().middle_len > 0 for layer in cache.layers if isinstance(layer, LeanKLayer))
 
@@ -58,9 +59,9 @@ def test_calibrated_masks_save_memory_and_keep_the_first_token(smollm2, tmp_path
     masks.save_pretrained(tmp_path)
     ids = prose_ids(tokenizer, 1500, seed=2)
     common = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False}
-    dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **common)
+    dense = model.generate(ids, **cache_kwargs(DynamicCache(config=model.config)), **common)
     cache = LeanKCache.from_pretrained(tmp_path, model)
-    leank = model.generate(ids, past_key_values=cache, **common)
+    leank = model.generate(ids, **cache_kwargs(cache), **common)
     assert torch.equal(dense[:, : ids.shape[1] + 1], leank[:, : ids.shape[1] + 1])
     report = cache.memory_report()
     assert report.key_bytes < 0.5 * report.dense_bytes / 2, "the middle K cache must shrink by more than half"
@@ -116,7 +117,7 @@ def test_compiled_decoding_of_the_real_model_on_the_gpu(smollm2):
 
     def generate(**kwargs):
         cache = LeanKCache(masks, model, max_cache_len=ids.shape[1] + 16)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=16,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=16,
                              do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)  # fmt: skip
         return out.sequences[0, ids.shape[1] :], torch.stack(out.logits).float()
 

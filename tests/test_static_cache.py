@@ -10,6 +10,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
 from leank_hf import LeanKCache
+from leank_hf.compat import cache_kwargs
 from leank_hf.kernels import LeanKAttention
 from leank_hf.static_layer import StaticLeanKLayer
 
@@ -23,7 +24,7 @@ GREEDY = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
 
 
 def generate(model, cache, inputs, **kwargs):
-    out = model.generate(**inputs, past_key_values=cache, output_logits=True, return_dict_in_generate=True,
+    out = model.generate(**inputs, **cache_kwargs(cache), output_logits=True, return_dict_in_generate=True,
                          **{**GREEDY, **kwargs})  # fmt: skip
     return out.sequences, torch.stack(out.logits)
 
@@ -110,8 +111,8 @@ def test_memory_report_of_fixed_stores():
     model = tiny_model("qwen2")
     inputs = left_padded_batch(LENGTHS, model.config.vocab_size)
     dense_cache, cache = DynamicCache(config=model.config), static_cache(model, pruned(model))
-    model.generate(**inputs, past_key_values=dense_cache, **GREEDY)
-    model.generate(**inputs, past_key_values=cache, **GREEDY)
+    model.generate(**inputs, **cache_kwargs(dense_cache), **GREEDY)
+    model.generate(**inputs, **cache_kwargs(cache), **GREEDY)
     report = cache.memory_report()
     dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense_cache.layers)
     assert report.dense_bytes == dense_bytes
@@ -131,13 +132,13 @@ def test_what_fixed_stores_cannot_do_is_refused(lengths, kwargs, match):
     model = tiny_model("llama")
     inputs = left_padded_batch(lengths, model.config.vocab_size)
     with pytest.raises(ValueError, match=match):
-        model.generate(**inputs, past_key_values=static_cache(model, pruned(model)), **{**GREEDY, **kwargs})
+        model.generate(**inputs, **cache_kwargs(static_cache(model, pruned(model))), **{**GREEDY, **kwargs})
 
 
 def test_no_rollback_once_filled():
     model = tiny_model("llama")
     cache = static_cache(model, pruned(model))
-    model.generate(**left_padded_batch([30], model.config.vocab_size), past_key_values=cache, **GREEDY)
+    model.generate(**left_padded_batch([30], model.config.vocab_size), **cache_kwargs(cache), **GREEDY)
     with pytest.raises(ValueError, match="cannot roll tokens back"):
         cache.crop(-2)
 

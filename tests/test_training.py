@@ -7,6 +7,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from leank_hf import LeanKCache, LeanKMasks, select_channels
+from leank_hf.compat import cache_kwargs
 from leank_hf.training import (
     LeanKMaskCallback,
     MaskLearner,
@@ -109,9 +110,9 @@ def test_binary_student_is_exactly_leank_decoding(family):
     ids = batch["input_ids"]
     cache = LeanKCache(masks, model)
     with torch.no_grad():
-        model.base_model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=ids[:, :prompt], **cache_kwargs(cache), use_cache=True)
         decoded = torch.cat([
-            model.base_model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).last_hidden_state
+            model.base_model(input_ids=ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).last_hidden_state
             for t in range(prompt, prompt + answer)
         ], dim=1)  # fmt: skip
     torch.testing.assert_close(student, decoded, rtol=0, atol=2e-5)

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..architectures import ModelSpec
+from ..compat import cache_kwargs
 from ..masks import LeanKMasks, validate_windows
 from ..selection import select_channels
 from . import student_attention
@@ -118,14 +119,14 @@ class MaskLearner(nn.Module):
         cache = PromptCache(self.spec.num_layers)
         with torch.no_grad():
             decoder(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=prompt_positions,
-                    past_key_values=cache, use_cache=True)  # fmt: skip
+                    **cache_kwargs(cache), use_cache=True)  # fmt: skip
             cache.freeze()
             answer_inputs = {
                 "input_ids": batch.answer_ids,
                 "attention_mask": full_mask,
                 "position_ids": answer_positions,
-                "past_key_values": cache,
                 "use_cache": True,
+                **cache_kwargs(cache),
             }
             teacher = decoder(**answer_inputs).last_hidden_state
         middle = (key_positions[:, None, :] >= self.sink) & (
