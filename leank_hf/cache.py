@@ -19,8 +19,8 @@ from .static_layer import StaticLeanKLayer
 class LeanKCache(Cache):
     """KV cache that keeps only the masked-in key channels of tokens between the sink and the recent window.
 
-    Pass it to `generate` (or a forward) as `cache` (transformers >= 5.24) or `past_key_values` (before; the old name
-    still works there, with a deprecation warning). Constructing it switches `model` to the ``"leank"``
+    Pass it to `generate` (or a forward) as `cache` from transformers 5.24 on (`past_key_values` still works there,
+    with a deprecation warning), as `past_key_values` before. Constructing it switches `model` to the ``"leank"``
     attention implementation, which runs exact SDPA for the prefill and pruned attention afterwards; with any other
     cache the model keeps behaving exactly like SDPA. Sliding-window layers (Gemma3) keep transformers' own layers
     (the static ones with `max_cache_len`).
