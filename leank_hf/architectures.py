@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig, PreTrainedModel
@@ -79,6 +80,22 @@ class ModelSpec:
     def leank_layers(self) -> list[int]:
         """Indices of the layers that LeanK prunes (full-attention layers)."""
         return [i for i, t in enumerate(self.layer_types) if t == LEANK_LAYER_TYPE]
+
+
+def warn_if_nothing_is_pruned(spec: ModelSpec, what: str) -> None:
+    """Say why `what` (masks, a cache) prunes nothing when the model has no full-attention layer, e.g. a Mistral whose
+    config sets `sliding_window`: transformers then keeps every layer in a sliding-window cache, which LeanK leaves
+    alone."""
+    if spec.leank_layers:
+        return
+    kinds = ", ".join(sorted(set(spec.layer_types)))
+    warnings.warn(
+        f"{spec.architecture} has no full-attention layer to prune (its {spec.num_layers} layers are {kinds}"
+        f"{f', sliding_window={spec.sliding_window}' if spec.sliding_window else ''}): transformers keeps them in its "
+        f"own sliding-window cache, so {what} prune nothing. Set sliding_window=None in the model's config (if it was "
+        "trained for full attention) to let LeanK prune every layer.",
+        stacklevel=3,
+    )
 
 
 def _inferred_layer_types(config: PretrainedConfig) -> list[str]:

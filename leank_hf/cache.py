@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
 from . import attention
-from .architectures import LEANK_LAYER_TYPE, ModelSpec
+from .architectures import LEANK_LAYER_TYPE, ModelSpec, warn_if_nothing_is_pruned
 from .cache_layer import LeanKLayer
 from .masks import LeanKMasks, validate_windows
 from .memory import LayerMemory, MemoryReport, held_bytes
@@ -55,22 +57,33 @@ class LeanKCache(Cache):
         max_cache_len: int | None = None,
     ) -> None:
         spec = ModelSpec.from_model(model)
+        warn_if_nothing_is_pruned(spec, "a LeanKCache would")
         masks.check_compatible(spec, getattr(model.config, "_name_or_path", None))
         sink = masks.sink if sink is None else sink
         recent = masks.recent if recent is None else recent
         block_size = masks.block_size if block_size is None else block_size
         validate_windows(sink, recent, block_size)
-        if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len <= sink + recent):
+        _check_windows_fit(model, sink, recent, block_size)
+        if max_cache_len is not None and (
+            isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1
+        ):
             raise ValueError(
-                f"max_cache_len must be an int above sink + recent = {sink + recent} (the prompt plus the new tokens), "
-                f"got {max_cache_len!r}"
+                f"max_cache_len must be a positive int (the most tokens a row holds: prompt plus new tokens), got "
+                f"{max_cache_len!r}"
             )
+        self.max_cache_len = max_cache_len
+        self._tokens_seen = self._prompt_tokens = 0  # per row, padding included: see `_count_tokens`
         self.masks, self.spec = masks, spec
         self.sink, self.recent, self.block_size = sink, recent, block_size
 
-        def leank_layer(index: int) -> LeanKLayer:
+        prunes = max_cache_len is None or _fixed_stores_save_memory(masks, spec, sink, recent, block_size,
+                                                                    max_cache_len)  # fmt: skip
+
+        def leank_layer(index: int) -> LeanKLayer | StaticLayer:
             if max_cache_len is None:
                 return LeanKLayer(masks.channel_mask[index], sink, recent, block_size)
+            if not prunes:
+                return StaticLayer(max_cache_len=max_cache_len)
             return StaticLeanKLayer(masks.channel_mask[index], sink, recent, block_size, max_cache_len)
 
         layers = [
@@ -79,6 +92,38 @@ class LeanKCache(Cache):
         ]
         super().__init__(layers=layers)
         attention.enable(model)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Any]:
+        if self.max_cache_len is not None and layer_idx == 0 and not torch.compiler.is_compiling():
+            self._count_tokens(key_states.shape[2])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _count_tokens(self, count: int) -> None:
+        """Refuse a step that would not fit `max_cache_len`, before anything is written.
+
+        Counted on the host by eager steps only: a step compiled into a CUDA graph runs no Python, so there the
+        prompt is checked (at the prefill, which is eager) and the new tokens must fit, as with a `StaticCache`."""
+        stored = self._tokens_seen
+        if stored + count > self.max_cache_len:
+            if stored == 0:
+                raise ValueError(
+                    f"the prompt ({count} tokens per row, padding included) does not fit max_cache_len="
+                    f"{self.max_cache_len}: give max_cache_len at least the prompt length plus max_new_tokens"
+                )
+            raise ValueError(
+                f"max_cache_len={self.max_cache_len} is full: the rows hold {stored} tokens (a prompt of "
+                f"{self._prompt_tokens} and {stored - self._prompt_tokens} new ones) and this step adds {count}. Give "
+                "max_cache_len at least the prompt length plus max_new_tokens"
+            )
+        if stored == 0:
+            self._prompt_tokens = count
+        self._tokens_seen = stored + count
+
+    def reset(self) -> None:
+        super().reset()
+        self._tokens_seen = 0
 
     @classmethod
     def from_pretrained(cls, pretrained: str | os.PathLike, model: PreTrainedModel, **kwargs: Any) -> LeanKCache:
@@ -95,14 +140,55 @@ class LeanKCache(Cache):
         return cls(LeanKMasks.from_pretrained(pretrained, **kwargs), model, **cache_kwargs)
 
     def memory_report(self) -> MemoryReport:
-        """Bytes held per layer and in total, against what a `DynamicCache` would hold for the same tokens."""
-        return MemoryReport(tuple(_layer_memory(i, layer) for i, layer in enumerate(self.layers)))
+        """Bytes held per layer and in total, against what the stock cache would hold: a `DynamicCache` for the same
+        tokens, or with `max_cache_len` a `StaticCache` of that length."""
+        layers = tuple(_layer_memory(i, layer) for i, layer in enumerate(self.layers))
+        return MemoryReport(layers, baseline="DynamicCache" if self.max_cache_len is None else "StaticCache")
 
     def __repr__(self) -> str:
         return (
             f"LeanKCache(layers={len(self.layers)}, keep_ratio={self.masks.keep_ratio:.3f}, sink={self.sink}, "
             f"recent={self.recent}, block_size={self.block_size}, seq_length={self.get_seq_length()})"
         )
+
+
+def _check_windows_fit(model: PreTrainedModel, sink: int, recent: int, block_size: int) -> None:
+    """Refuse windows longer than any sequence the model can read: they would prune nothing, and a mask repo that
+    sets them (say `sink: 1000000`) must not size anything by them."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if isinstance(limit, int) and sink + recent + block_size > limit:
+        raise ValueError(
+            f"sink + recent + block_size = {sink} + {recent} + {block_size} exceeds the {limit} positions "
+            f"{type(model).__name__} reads (max_position_embeddings): no token would ever be pruned. Pass smaller "
+            "sink=, recent= or block_size= to the cache, or fix them in the mask repo's leank_config.json"
+        )
+
+
+def _fixed_stores_save_memory(
+    masks: LeanKMasks, spec: ModelSpec, sink: int, recent: int, block_size: int, max_cache_len: int
+) -> bool:
+    """Whether `StaticLeanKLayer`s hold fewer bytes than a `StaticCache` of `max_cache_len` would, summed over the
+    layers LeanK prunes; warns when they do not, and the cache then keeps full keys as a `StaticCache` does.
+
+    A fixed-size LeanK layer holds its sink and its window ring (`recent + block_size` tokens) at full width, and a
+    pruned middle slot for every other position up to `max_cache_len`: short lengths cannot pay for the window."""
+    full = 2 * spec.num_kv_heads * spec.head_dim  # elements per token, keys and values
+    leank = static = 0
+    for layer in spec.leank_layers:
+        mask = masks.channel_mask[layer]
+        middle = int(mask.sum()) + int(mask.any(-1).sum()) * spec.head_dim
+        leank += (sink + recent + block_size) * full + max(max_cache_len - sink, 0) * middle
+        static += max_cache_len * full
+    if leank <= static:
+        return True
+    warnings.warn(
+        f"max_cache_len={max_cache_len} is too short for these LeanK masks to save memory: their fixed-size stores "
+        f"would hold {leank / static:.2f}x a StaticCache's bytes (sink + recent + block_size = "
+        f"{sink + recent + block_size} tokens stay at full width), so this cache keeps full keys like a StaticCache. "
+        "Give a larger max_cache_len, or smaller windows, for LeanK to prune.",
+        stacklevel=3,
+    )
+    return False
 
 
 def _stock_layer(

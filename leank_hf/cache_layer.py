@@ -11,9 +11,14 @@ from transformers.cache_utils import CacheLayerMixin
 from .kernels import ChannelLayout, LeanKAttention, NewTokens, PrunedKV
 from .memory import LayerMemory, held_bytes
 
-# Stores grow by this share of their size (rounded up to whole flush blocks): amortised O(1) copies per token,
-# while capacity reserved but not yet used stays around 6 % of what is held.
+# The middle stores grow by this share of their size: amortised O(1) copies per token, while capacity reserved but
+# not yet used stays around 6 % of what is held. A layer whose pruning saves less than that grows by what it saves
+# (`LeanKLayer._middle_growth`), so that no layer ever holds more than a `DynamicLayer` would.
 _GROWTH_FRACTION = 1 / 16
+
+# Window stores grow in steps of at most this many tokens (or `block_size`, if smaller): a short prompt holds about
+# what it needs, not the whole window a long one fills.
+_WINDOW_GRANULE = 64
 
 # Versions of a layer's stores, for the decode kernel's launch cache: unique across layers and resets.
 _STORE_VERSIONS = itertools.count()
@@ -73,8 +78,10 @@ class LeanKLayer(CacheLayerMixin):
         super().__init__()
         self.channel_mask = channel_mask.bool()
         self.sink, self.recent, self.block_size = sink, recent, block_size
-        # The window holds at most `recent + block_size - 1` tokens between steps.
-        self._window_capacity = _round_up(recent + block_size, block_size)
+        # The window holds at most `recent + block_size - 1` tokens between steps, `recent + block_size` while a
+        # decode step attends; it grows towards that in granules as tokens come.
+        self._window_capacity = recent + block_size
+        self._window_granule = min(block_size, _WINDOW_GRANULE)
         self.attention = LeanKAttention()  # keeps the decode kernel's launch set-up from step to step
         self._clear()
 
@@ -106,6 +113,7 @@ class LeanKLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = batch
         self.layout = self._build_layout()
+        self._middle_growth = _middle_growth(self.layout, heads, head_dim)
         kv_kwargs = {"dtype": self.dtype, "device": self.device}
         self.sink_keys = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
         self.sink_values = torch.zeros(batch, heads, 0, head_dim, **kv_kwargs)
@@ -304,16 +312,18 @@ class LeanKLayer(CacheLayerMixin):
     def _open_window_slots(self, count: int, valid: torch.Tensor | None, decode_room: bool = True) -> None:
         """Count `count` more tokens into the window, at its end (the caller writes them); `valid` their flags.
 
-        With `decode_room` the window stores are allocated once for what the window holds between steps (a long
-        multi-token step may grow them); without it they grow only as far as these tokens need."""
+        With `decode_room` (a step that attends) the window stores grow by a granule past what these tokens need, up
+        to what the window holds while decoding, so that the steps after it need no new store; without it (the
+        prefill, a generate call's memory peak) they grow only as far as these tokens need."""
         self._real_run = self._real_run + count if valid is None else 0
         needed = self._window + count
-        if decode_room:
-            needed = max(needed, self._window_capacity)
         if needed > self.recent_keys.shape[2]:
-            self.recent_keys = _grown(self.recent_keys, 2, self._window, needed, self.block_size)
-            self.recent_values = _grown(self.recent_values, 2, self._window, needed, self.block_size)
-            self.recent_valid = _grown(self.recent_valid, 1, self._window, needed, self.block_size)
+            capacity = needed
+            if decode_room:
+                capacity = max(needed, min(_round_up(needed, self._window_granule), self._window_capacity))
+            self.recent_keys = _grown(self.recent_keys, 2, self._window, capacity)
+            self.recent_values = _grown(self.recent_values, 2, self._window, capacity)
+            self.recent_valid = _grown(self.recent_valid, 1, self._window, capacity)
             self._stores_changed(window=True)
         self._window += count
 
@@ -348,10 +358,7 @@ class LeanKLayer(CacheLayerMixin):
         any_sink, any_middle, first, hole, sink_slots, sinks_full = torch.stack([d.long() for d in decisions]).tolist()
         self._sinks_full = bool(sinks_full)
         if self.sink and any_sink:
-            if self.sink_keys.shape[2] == 0:
-                # Zeros, not empty: rows with fewer sink tokens than others read unfilled slots (with zero weight).
-                self.sink_keys = self.sink_keys.new_zeros(*self.sink_keys.shape[:2], self.sink, self.sink_keys.shape[3])
-                self.sink_values = torch.zeros_like(self.sink_keys)
+            self._grow_sink(sink_slots)
             rows, cols = to_sink.nonzero(as_tuple=True)
             slots = rank[rows, cols]
             self.sink_keys[rows, :, slots] = keys[rows, :, cols]
@@ -367,15 +374,29 @@ class LeanKLayer(CacheLayerMixin):
         self.middle_start = torch.where(self.middle_start == start, start + leading_invalid, self.middle_start)
         self._middle_has_holes = self._middle_has_holes or bool(hole)
 
+    def _grow_sink(self, slots: int) -> None:
+        """Room for `slots` sink tokens per row (as many as the fullest row holds, never more than `sink`)."""
+        held = self.sink_keys.shape[2]
+        if slots <= held:
+            return
+        # Zeros, not empty: rows with fewer sink tokens than others read unfilled slots (with zero weight).
+        self.sink_keys = _grown(self.sink_keys, 2, held, slots).index_fill_(2, self._range(held, slots), 0)
+        self.sink_values = _grown(self.sink_values, 2, held, slots).index_fill_(2, self._range(held, slots), 0)
+
+    def _range(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=self.device)
+
     def _append_middle(self, keys: torch.Tensor, values: torch.Tensor, to_middle: torch.Tensor | None) -> None:
         """Store tokens `[B, H, n, D]` at the end of the middle stores; `to_middle` `[B, n]` flags the real ones (None:
         all). Nothing is stored when every head prunes every channel: nothing would ever read these tokens."""
         if self.layout.packed_channels == 0:
             return
         start, end = self._middle, self._middle + keys.shape[2]
-        self.middle_keys = _grown(self.middle_keys, 2, start, end, self.block_size)
-        self.middle_values = _grown(self.middle_values, 2, start, end, self.block_size)
-        self.middle_valid = _grown(self.middle_valid, 1, start, end, self.block_size)
+        held = self.middle_keys.shape[2]
+        capacity = end if end <= held else max(end, held + int(held * self._middle_growth))
+        self.middle_keys = _grown(self.middle_keys, 2, start, capacity)
+        self.middle_values = _grown(self.middle_values, 2, start, capacity)
+        self.middle_valid = _grown(self.middle_valid, 1, start, capacity)
         self.layout.write_middle(keys, values, self.middle_keys[:, :, start:end], self.middle_values[:, :, start:end])
         flags = self.middle_valid.narrow(1, start, end - start)
         if to_middle is None:
@@ -435,6 +456,14 @@ class LeanKLayer(CacheLayerMixin):
         )
 
 
+def _middle_growth(layout: ChannelLayout, heads: int, head_dim: int) -> float:
+    """Share of its size by which a middle store grows: `_GROWTH_FRACTION`, or less when a token's pruned keys and
+    values save less than that against its full ones, so that the reserve never costs more than the pruning saved."""
+    middle = layout.packed_channels + layout.value_rows * head_dim  # per token, in elements
+    full = 2 * heads * head_dim
+    return min(_GROWTH_FRACTION, (full - middle) / middle) if middle else 0.0
+
+
 def _validity(valid: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
     """`[B, Q]` real-token flags of `keys` `[B, H, Q, D]`; None means every token is real."""
     if valid is None:
@@ -450,17 +479,12 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _grown(tensor: torch.Tensor, dim: int, used: int, needed: int, block: int) -> torch.Tensor:
-    """`tensor` with room for `needed` entries along `dim`, keeping the first `used`.
-
-    Capacity grows by about `_GROWTH_FRACTION` of itself, in whole blocks.
-    """
-    capacity = tensor.shape[dim]
-    if needed <= capacity:
+def _grown(tensor: torch.Tensor, dim: int, used: int, capacity: int) -> torch.Tensor:
+    """`tensor` with room for at least `capacity` entries along `dim`, keeping the first `used` (itself if it has)."""
+    if capacity <= tensor.shape[dim]:
         return tensor
-    new_capacity = _round_up(max(needed, int(capacity * (1 + _GROWTH_FRACTION))), block)
     shape = list(tensor.shape)
-    shape[dim] = new_capacity
+    shape[dim] = capacity
     grown = tensor.new_empty(shape)
     grown.narrow(dim, 0, used).copy_(tensor.narrow(dim, 0, used))
     return grown

@@ -23,7 +23,8 @@ class LayerMemory:
         value_bytes: allocated bytes of stored values.
         other_bytes: bookkeeping (validity flags, sink lengths).
         reserved_bytes: part of the above that is allocated capacity not yet holding tokens.
-        dense_bytes: what a `DynamicCache` layer of the same kind would hold for the same tokens.
+        dense_bytes: what the stock layer would hold: a `DynamicCache` layer for the same tokens, or a `StaticCache`
+            layer of the same `max_cache_len`.
     """
 
     layer: int
@@ -41,9 +42,11 @@ class LayerMemory:
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Per-layer and total bytes held by a cache versus a `DynamicCache` holding the same tokens."""
+    """Per-layer and total bytes held by a cache versus the stock cache it replaces (`baseline`): a `DynamicCache`
+    holding the same tokens, or a `StaticCache` of the same `max_cache_len`."""
 
     layers: tuple[LayerMemory, ...]
+    baseline: str = "DynamicCache"
 
     @property
     def total_bytes(self) -> int:
@@ -58,6 +61,10 @@ class MemoryReport:
         return sum(layer.value_bytes for layer in self.layers)
 
     @property
+    def other_bytes(self) -> int:
+        return sum(layer.other_bytes for layer in self.layers)
+
+    @property
     def reserved_bytes(self) -> int:
         return sum(layer.reserved_bytes for layer in self.layers)
 
@@ -67,13 +74,13 @@ class MemoryReport:
 
     @property
     def saved_fraction(self) -> float:
-        """Share of the `DynamicCache` bytes that this cache does not hold (0.4 = 40 % less memory)."""
+        """Share of the baseline's bytes that this cache does not hold (0.4 = 40 % less memory)."""
         return 1.0 - self.total_bytes / self.dense_bytes if self.dense_bytes else 0.0
 
     def to_markdown(self) -> str:
         """A markdown table, one row per layer plus the total, in MiB."""
         rows = [
-            "| layer | kind | K MiB | V MiB | total MiB | DynamicCache MiB | saved |",
+            f"| layer | kind | K MiB | V MiB | total MiB | {self.baseline} MiB | saved |",
             "|---|---|---|---|---|---|---|",
         ]
         for m in self.layers:
@@ -86,7 +93,7 @@ class MemoryReport:
         return (
             f"LeanK cache: {self.total_bytes / mib:.2f} MiB "
             f"(K {self.key_bytes / mib:.2f}, V {self.value_bytes / mib:.2f})"
-            f" vs DynamicCache {self.dense_bytes / mib:.2f} MiB: {self.saved_fraction:.1%} saved"
+            f" vs {self.baseline} {self.dense_bytes / mib:.2f} MiB: {self.saved_fraction:.1%} saved"
         )
 
 

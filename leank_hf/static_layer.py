@@ -46,8 +46,8 @@ class StaticLeanKLayer(LeanKLayer):
 
     def _build_layout(self) -> ChannelLayout:
         # The shared layout of these masks on this device, named by an int the compiled operator can hold.
-        self._layout_key, layout = register_layout(self.channel_mask, self.device)
-        return layout
+        self._registered = register_layout(self.channel_mask, self.device)
+        return self._registered.layout
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -96,7 +96,7 @@ class StaticLeanKLayer(LeanKLayer):
         output = pruned_attention(
             query, self.sink_keys, self.sink_values, self.sink_lengths, self.middle_keys, self.middle_values,
             self.middle_valid, self.middle_start, self._middle_length, self.recent_keys, self.recent_values,
-            self.recent_valid, self._layout_key, scaling,
+            self.recent_valid, self._registered.index, scaling,
         )  # fmt: skip
         # Once the window holds `recent + block_size` tokens, its oldest `block_size` leave it (`LeanKLayer.settle`).
         in_window = position + 1 - self._middle_base - self._middle_length
@@ -190,7 +190,7 @@ class StaticLeanKLayer(LeanKLayer):
             raise ValueError("a LeanKCache with max_cache_len keeps its batch size once filled; use one without it")
 
     def _stored_count(self) -> int:
-        return int(self._position) if self._frozen else super()._stored_count()
+        return self.max_cache_len  # what a `StaticLayer` holds from its first token on
 
     def _bytes_in_use(self) -> int:
         if not self._frozen:

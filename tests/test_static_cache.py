@@ -4,9 +4,11 @@ Its oracle is the growing `LeanKCache`: both must give the same attention step f
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
 from leank_hf import LeanKCache
@@ -15,7 +17,7 @@ from leank_hf.kernels import LeanKAttention
 from leank_hf.static_layer import StaticLeanKLayer
 
 from .conftest import FAMILIES, tiny_model
-from .test_cache_generate import left_padded_batch, pruned
+from .test_cache_generate import keep_all, left_padded_batch, pruned
 from .tolerances import assert_close
 
 # Every row's prompt holds at least sink + recent + block_size = 16 real tokens (WINDOWS).
@@ -110,12 +112,12 @@ def test_beam_search_reorders_the_fixed_stores_in_place():
 def test_memory_report_of_fixed_stores():
     model = tiny_model("qwen2")
     inputs = left_padded_batch(LENGTHS, model.config.vocab_size)
-    dense_cache, cache = DynamicCache(config=model.config), static_cache(model, pruned(model))
-    model.generate(**inputs, **cache_kwargs(dense_cache), **GREEDY)
+    stock, cache = StaticCache(config=model.config, max_cache_len=64), static_cache(model, pruned(model))
+    model.generate(**inputs, **cache_kwargs(stock), **GREEDY)
     model.generate(**inputs, **cache_kwargs(cache), **GREEDY)
     report = cache.memory_report()
-    dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense_cache.layers)
-    assert report.dense_bytes == dense_bytes
+    assert report.baseline == "StaticCache"
+    assert report.dense_bytes == sum(layer.keys.nbytes + layer.values.nbytes for layer in stock.layers)
     assert 0 < report.reserved_bytes < report.total_bytes
 
 
@@ -146,11 +148,26 @@ def test_no_rollback_once_filled():
         cache.crop(-2)
 
 
-@pytest.mark.parametrize("max_cache_len", [0, 12, 40.0], ids=["zero", "not-above-the-windows", "float"])
+@pytest.mark.parametrize("max_cache_len", [0, -3, 40.0, True], ids=["zero", "negative", "float", "bool"])
 def test_bad_max_cache_len(max_cache_len):
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="max_cache_len must be an int above sink \\+ recent"):
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
         LeanKCache(pruned(model), model, max_cache_len=max_cache_len)
+
+
+@pytest.mark.parametrize("masks", [pruned, keep_all], ids=["fixed-leank-stores", "kept-full-like-a-static-cache"])
+def test_too_small_max_cache_len_is_named_at_the_step_that_would_overflow(masks):
+    model = tiny_model("llama")
+    inputs = left_padded_batch([30, 20], model.config.vocab_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # keep-all masks keep full keys at any length, and say so
+        cache = LeanKCache(masks(model), model, max_cache_len=40)
+        short_cache = LeanKCache(masks(model), model, max_cache_len=29)
+    message = r"max_cache_len=40 is full: the rows hold 40 tokens \(a prompt of 30 and 10 new ones\) and this step"
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, **cache_kwargs(cache), **{**GREEDY, "max_new_tokens": 20})
+    with pytest.raises(ValueError, match="the prompt \\(30 tokens per row, padding included\\) does not fit"):
+        model.generate(**inputs, **cache_kwargs(short_cache), **GREEDY)
 
 
 def test_without_max_cache_len_generate_does_not_compile():
@@ -174,3 +191,32 @@ def test_generate_compiles_decoding_into_cuda_graphs_on_the_gpu(family):
         assert_close(compiled_logits.float(), logits.float(), torch.float16)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "generate did not compile"
     assert torch.equal(compiled_tokens, tokens)
+
+
+def test_layout_registry_is_freed_with_its_caches_and_bounded():
+    """1000 caches with `max_cache_len` and a different mask each: the device layouts go with their caches, and the
+    map from mask content to the compiled operator's int stays bounded. Equal masks keep their int (no recompile)."""
+    import gc
+
+    from leank_hf.kernels import compiled
+
+    model = tiny_model("llama")
+    inputs = left_padded_batch([20], model.config.vocab_size)
+    first = static_cache(model, pruned(model, seed=0))
+    model.generate(**inputs, **cache_kwargs(first), **{**GREEDY, "max_new_tokens": 2})
+    first_indices = [layer._registered.index for layer in first.layers]
+    for seed in range(1, 21):  # through generate, layers registering as they fill
+        model.generate(**inputs, **cache_kwargs(static_cache(model, pruned(model, seed))), **{**GREEDY,
+                       "max_new_tokens": 2})  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(1000):  # what many caches' layers register
+        compiled.register_layout(torch.rand(2, 32, generator=generator) < 0.5, torch.device("cpu"))
+    gc.collect()
+    alive = {layer._registered.index for layer in first.layers}
+    assert set(compiled._REGISTERED) == alive
+    assert len(compiled._INDICES) <= compiled._REMEMBERED_MASKS
+    again = static_cache(model, pruned(model, seed=0))
+    del first
+    gc.collect()
+    model.generate(**inputs, **cache_kwargs(again), **{**GREEDY, "max_new_tokens": 2})
+    assert [layer._registered.index for layer in again.layers] == first_indices

@@ -1,33 +1,70 @@
 """LeanK attention as a PyTorch custom operator, so that `torch.compile` can capture a decode step in a CUDA graph.
 
 The operator takes the cache as plain tensors (a compiled graph can hold no Python object) and names its layer's
-`ChannelLayout` by an int from `register_layout`. Equal masks on one device share one layout and one int, so a new
-cache for the same masks compiles nothing new. Inside, it is `LeanKAttention`: the Triton kernel on CUDA, the PyTorch
-reference elsewhere.
+`ChannelLayout` by an int from `register_layout`. Equal masks on one device get the same int, so a new cache for the
+same masks compiles nothing new. Inside, it is `LeanKAttention`: the Triton kernel on CUDA, the PyTorch reference
+elsewhere.
+
+The layouts (index tensors on the device) live as long as a cache layer holds their `RegisteredLayout`; only the
+small map from mask content to int outlives them, and it is bounded.
 """
 
 from __future__ import annotations
+
+import hashlib
+import itertools
+import weakref
+from collections import OrderedDict
 
 import torch
 
 from . import LeanKAttention
 from .layout import ChannelLayout, PrunedKV
 
-_LAYOUTS: list[ChannelLayout] = []
-_ATTENTION: list[LeanKAttention] = []  # one per layout: keeps its decoder's launch set-up
-_KEYS: dict[tuple, int] = {}
+# Distinct masks whose int is remembered after their caches are gone (so a later cache for one of them reuses the
+# graphs compiled for it); the oldest are forgotten first.
+_REMEMBERED_MASKS = 1024
 
 
-def register_layout(mask: torch.Tensor, device: torch.device) -> tuple[int, ChannelLayout]:
-    """(the int naming this mask's layout on `device` for `pruned_attention`, the layout), built once per mask."""
+class RegisteredLayout:
+    """A mask's layout on a device, the int `pruned_attention` knows it by, and the `LeanKAttention` that keeps its
+    decoder's launch set-up. Held by the cache layers that use it; freed with the last of them."""
+
+    __slots__ = ("__weakref__", "attention", "index", "layout")
+
+    def __init__(self, index: int, layout: ChannelLayout) -> None:
+        self.index, self.layout, self.attention = index, layout, LeanKAttention()
+
+    def __deepcopy__(self, memo: dict) -> RegisteredLayout:
+        return self  # shared by every layer of these masks on this device; a copied cache layer holds it too
+
+
+_REGISTERED: weakref.WeakValueDictionary[int, RegisteredLayout] = weakref.WeakValueDictionary()
+_INDICES: OrderedDict[tuple[str, tuple[int, ...], str], int] = OrderedDict()
+_NEXT_INDEX = itertools.count()
+
+
+def register_layout(mask: torch.Tensor, device: torch.device) -> RegisteredLayout:
+    """The registered layout of `mask` `[kv_heads, head_dim]` on `device` (built once while any layer holds it)."""
     mask = mask.bool().cpu()
-    key = (str(device), tuple(mask.shape), mask.numpy().tobytes())
-    if key not in _KEYS:
-        _KEYS[key] = len(_LAYOUTS)
-        _LAYOUTS.append(ChannelLayout.from_mask(mask, device))
-        _ATTENTION.append(LeanKAttention())
-    index = _KEYS[key]
-    return index, _LAYOUTS[index]
+    key = (str(device), tuple(mask.shape), hashlib.sha256(mask.numpy().tobytes()).hexdigest())
+    index = _INDICES.get(key)
+    if index is None:
+        _forget_unused_masks()
+        index = _INDICES[key] = next(_NEXT_INDEX)
+    _INDICES.move_to_end(key)
+    registered = _REGISTERED.get(index)
+    if registered is None:
+        registered = _REGISTERED[index] = RegisteredLayout(index, ChannelLayout.from_mask(mask, device))
+    return registered
+
+
+def _forget_unused_masks() -> None:
+    """Before a new mask is remembered: drop the oldest masks no cache holds, so that fewer than `_REMEMBERED_MASKS`
+    are (those held stay, so that equal masks never get two ints while one is in use)."""
+    unused = (key for key, index in _INDICES.items() if index not in _REGISTERED)
+    for key in list(itertools.islice(unused, max(len(_INDICES) - _REMEMBERED_MASKS + 1, 0))):
+        del _INDICES[key]
 
 
 @torch.library.custom_op("leank_hf::pruned_attention", mutates_args=())
@@ -51,11 +88,12 @@ def pruned_attention(
 
     The middle tensors are the stores' whole capacity and `middle_length` the stored length, so every shape stays
     fixed from step to step."""
+    registered = _REGISTERED[layout]  # alive: the calling cache layer holds it
     cache = PrunedKV(
         sink_keys, sink_values, sink_lengths, middle_keys, middle_values, middle_valid, middle_start, recent_keys,
-        recent_values, recent_valid, _LAYOUTS[layout], middle_length,
+        recent_values, recent_valid, registered.layout, middle_length,
     )  # fmt: skip
-    return _ATTENTION[layout](query, cache, scaling)
+    return registered.attention(query, cache, scaling)
 
 
 @pruned_attention.register_fake
