@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .architectures import ModelSpec
-from .calibration import recording
+from .attention import observing
 from .masks import LeanKMasks
 from .selection import select_channels
 
@@ -42,7 +42,7 @@ def think_masks(
     tokens. Counts are not aligned (align 1) and the same for every head, as in ThinK, so the kept share is
     `round(keep_ratio · head_dim) / head_dim`, within half a channel per head of `keep_ratio`."""
     spec = ModelSpec.from_model(model)
-    with torch.no_grad(), recording(model, QueryWindowStats(spec, window)) as stats:
+    with torch.no_grad(), observing(model, QueryWindowStats(spec, window)) as stats:
         model(input_ids=input_ids.to(model.device), use_cache=False)
     kept = round(keep_ratio * spec.head_dim)
     mask = torch.ones(stats.scores.shape, dtype=torch.bool)

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .architectures import ModelSpec
-from .attention import new_token_validity, register_implementation
+from .architectures import ModelSpec, warn_if_nothing_is_pruned
+from .attention import observing
 from .masks import LeanKMasks
 from .selection import select_channels
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-_CALIBRATION_IMPLEMENTATION = "leank_calibration"
-_active_stats: contextvars.ContextVar[StatsRecorder | None] = contextvars.ContextVar("leank_calibration", default=None)
-
-
-class StatsRecorder(Protocol):
-    """What `recording` feeds: every attention call's post-RoPE queries and keys."""
-
-    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None) -> None: ...
 
 
 class ChannelStats:
@@ -59,27 +46,6 @@ class ChannelStats:
         return (self.abs_query / count) * (self.abs_key / count)
 
 
-def _recording_attention(module, query, key, value, attention_mask, **kwargs):
-    stats = _active_stats.get()
-    if stats is not None:
-        stats.add(module.layer_idx, query, key, new_token_validity(attention_mask, key.shape[2], key.shape[0]))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-@contextlib.contextmanager
-def recording(model: PreTrainedModel, stats: StatsRecorder) -> Iterator[StatsRecorder]:
-    """Within the block, forwards of `model` hand their post-RoPE queries and keys to `stats.add` (then run SDPA)."""
-    register_implementation(_CALIBRATION_IMPLEMENTATION, _recording_attention)
-    previous = model.config._attn_implementation
-    token = _active_stats.set(stats)
-    model.set_attn_implementation(_CALIBRATION_IMPLEMENTATION)
-    try:
-        yield stats
-    finally:
-        model.set_attn_implementation(previous)
-        _active_stats.reset(token)
-
-
 def calibrate(
     model: PreTrainedModel,
     input_ids: torch.Tensor | list[str],
@@ -93,9 +59,10 @@ def calibrate(
 ) -> LeanKMasks:
     """Implementation of `LeanKMasks.from_calibration` (see there)."""
     spec = ModelSpec.from_model(model)
+    warn_if_nothing_is_pruned(spec, "calibrated masks")
     input_ids, attention_mask = _as_token_batch(input_ids, attention_mask, tokenizer)
     device = model.device
-    with torch.no_grad(), recording(model, ChannelStats(spec)) as stats:
+    with torch.no_grad(), observing(model, ChannelStats(spec)) as stats:
         for start in tqdm(range(0, len(input_ids), batch_size), desc="LeanK calibration", unit="batch"):
             ids = input_ids[start : start + batch_size].to(device)
             mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None

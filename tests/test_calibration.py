@@ -7,7 +7,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leank_hf import LeanKCache, LeanKMasks, select_channels
-from leank_hf.calibration import ChannelStats, recording
+from leank_hf.attention import observing
+from leank_hf.calibration import ChannelStats
 
 from .conftest import tiny_model
 from .test_cache_generate import left_padded_batch
@@ -49,7 +50,7 @@ def test_scores_match_independent_computation_with_padding():
     from leank_hf import ModelSpec
 
     spec = ModelSpec.from_config(model.config)
-    with torch.no_grad(), recording(model, ChannelStats(spec)) as stats:
+    with torch.no_grad(), observing(model, ChannelStats(spec)) as stats:
         model(**inputs)
     assert model.config._attn_implementation == "sdpa", "the model's attention implementation is restored"
     expected = independent_scores(model, inputs["input_ids"], inputs["attention_mask"])

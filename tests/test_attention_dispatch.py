@@ -1,0 +1,92 @@
+"""The "leank" attention implementation borrows the model: other caches run the model's own implementation, and
+calibrating a model does not disturb a generation running on it in another thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+
+from leank_hf import LeanKCache, LeanKMasks
+from leank_hf.compat import cache_kwargs
+
+from .conftest import _COMMON, tiny_model
+from .test_cache_generate import keep_all, left_padded_batch, pruned
+
+
+def dynamic_logits(model, inputs) -> torch.Tensor:
+    out = model.generate(
+        **inputs, **cache_kwargs(DynamicCache(config=model.config)), max_new_tokens=8, do_sample=False, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    return torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_other_caches_run_the_models_own_implementation_after_leank(implementation):
+    model = tiny_model("llama")
+    model.set_attn_implementation(implementation)
+    inputs = left_padded_batch([20, 13], model.config.vocab_size)
+    before = dynamic_logits(model, inputs)
+    model.generate(**inputs, **cache_kwargs(LeanKCache(pruned(model), model)), max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(dynamic_logits(model, inputs), before)
+
+
+def test_an_eager_models_leank_prefill_is_its_own_eager_attention():
+    """The prompt is attended by the model's own implementation: the first token's logits are the same bits."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    inputs = left_padded_batch([20, 13], model.config.vocab_size)
+    before = dynamic_logits(model, inputs)
+    out = model.generate(
+        **inputs, **cache_kwargs(LeanKCache(pruned(model), model)), max_new_tokens=8, do_sample=False,
+        pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.logits[0], before[0])
+
+
+def test_calibration_leaves_the_implementation_as_it_found_it():
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.5)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_calibration_and_generation_on_one_model_in_two_threads():
+    model = tiny_model("llama")
+    masks = pruned(model)
+    inputs = left_padded_batch([30, 22], model.config.vocab_size)
+    greedy = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(**inputs, **cache_kwargs(LeanKCache(masks, model)), **greedy)
+    errors, outputs, calibrating = [], [], threading.Event()
+
+    def calibrate_repeatedly():
+        calibrating.set()
+        try:
+            for seed in range(6):
+                ids = torch.randint(3, 90, (2, 40), generator=torch.Generator().manual_seed(seed))
+                LeanKMasks.from_calibration(model, ids, keep_ratio=0.5)
+        except Exception as err:  # reported below: a thread's exception would otherwise vanish
+            errors.append(err)
+
+    thread = threading.Thread(target=calibrate_repeatedly)
+    thread.start()
+    calibrating.wait()
+    try:
+        while thread.is_alive():
+            outputs.append(model.generate(**inputs, **cache_kwargs(LeanKCache(masks, model)), **greedy))
+    finally:
+        thread.join()
+    assert not errors, errors
+    assert outputs and all(torch.equal(out, expected) for out in outputs)
+
+
+def test_a_model_with_only_sliding_layers_is_said_to_prune_nothing():
+    model = MistralForCausalLM(MistralConfig(**_COMMON, head_dim=32, sliding_window=16)).eval()
+    with pytest.warns(UserWarning, match=r"no full-attention layer to prune .*sliding_window=16.*calibrated masks prune"):
+        masks = LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.3)
+    assert masks.to_dense().all()
+    with pytest.warns(UserWarning, match="a LeanKCache would prune nothing"):
+        LeanKCache(keep_all(model), model)
