@@ -170,8 +170,8 @@ def leank_attention_forward(
     if observer is not None:
         valid = new_token_validity(attention_mask, keys.shape[2], keys.shape[0])
         observer.add(module.layer_idx, query, keys, valid)
-    fallback = _fallback_function(module)
     if not isinstance(key, PendingStep):
+        fallback = _fallback_function(module)
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("output_attentions"):
         raise ValueError(
@@ -182,7 +182,7 @@ def leank_attention_forward(
     valid = new_token_validity(attention_mask, step.keys.shape[2], step.keys.shape[0])
     if layer.stored_tokens == 0:
         # Prefill: the model's own exact attention, so the first generated token is unchanged.
-        output, _ = fallback(
+        output, _ = _fallback_function(module)(
             module, query, step.keys, step.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
         layer.commit(step, valid)
