@@ -23,6 +23,10 @@ CONFIG_NAME = "leank_config.json"
 MASKS_NAME = "leank_masks.safetensors"
 FORMAT_VERSION = 1
 _MASK_TENSOR = "channel_mask"
+# Upper bound of each window setting (sink, recent, block_size), in tokens. Real settings are tens to thousands (the
+# paper: 64 and 256); the bound turns a corrupt value such as sink=2**70 into a clear error here instead of an
+# OverflowError deep in the cache.
+MAX_WINDOW_TOKENS = 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -347,10 +351,12 @@ class LeanKMasks:
 
 
 def validate_windows(sink: int, recent: int, block_size: int) -> None:
-    """Raise a clear error for window settings out of range."""
+    """Raise a clear error for window settings out of range (the cache, the trainer and mask repos use these)."""
     for name, value, low in (("sink", sink, 0), ("recent", recent, 0), ("block_size", block_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WINDOW_TOKENS:
+            raise ValueError(
+                f"{name} must be an integer from {low} to {MAX_WINDOW_TOKENS} (MAX_WINDOW_TOKENS), got {value!r}"
+            )
 
 
 def _sha256(path: Path) -> str:

@@ -55,6 +55,9 @@ def test_integer_masks_are_accepted_as_0_1():
         (torch.ones(1, 1, 32, dtype=torch.bool), {"sink": -1}, "sink"),
         (torch.ones(1, 1, 32, dtype=torch.bool), {"recent": "256"}, "recent"),
         (torch.ones(1, 1, 32, dtype=torch.bool), {"block_size": 0}, "block_size"),
+        (torch.ones(1, 1, 32, dtype=torch.bool), {"sink": 2**70}, r"sink must be an integer from 0 to 1048576"),
+        (torch.ones(1, 1, 32, dtype=torch.bool), {"recent": 2**20 + 1}, r"recent .* to 1048576 \(MAX_WINDOW"),
+        (torch.ones(1, 1, 32, dtype=torch.bool), {"block_size": 2**40}, r"block_size .* 1 to 1048576"),
         (torch.ones(1, 1, 32, dtype=torch.bool), {"align": 0}, "align"),
         (torch.ones(2, 1, 32, dtype=torch.bool), {"layer_types": ("full_attention",)}, "layer_types"),
     ],
@@ -134,6 +137,7 @@ def test_corrupt_pickled_and_missing_files(tmp_path):
         ({"format_version": 99}, "format_version 99"),
         ({"num_layers": 5}, "declares"),
         ({"sink": -3}, "sink"),
+        ({"sink": 2**70}, "sink must be an integer from 0 to 1048576"),
     ],
 )
 def test_bad_config_values(tmp_path, edit, match):
