@@ -7,13 +7,14 @@ import functools
 import hashlib
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .architectures import LEANK_LAYER_TYPE, ModelSpec
+from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
 from .io import atomic_write, read_json, read_safetensors, write_json, write_safetensors
 
 if TYPE_CHECKING:
@@ -66,42 +67,56 @@ class LeanKMasks:
     evaluation: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        mask = self.channel_mask
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 3:
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"channel_mask must be a [layers, kv_heads, head_dim] tensor, got {shape}")
-        if mask.dtype != torch.bool:
-            if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("channel_mask must be boolean or hold only 0 and 1 (1 = keep the channel)")
-            mask = mask.bool()
-        object.__setattr__(self, "channel_mask", mask.detach().cpu().contiguous())
-        layer_types = tuple(self.layer_types) if self.layer_types is not None else None
-        object.__setattr__(self, "layer_types", layer_types)
+        object.__setattr__(self, "channel_mask", _as_keep_mask(self.channel_mask))
+        for name in ("model_type", "base_model", "base_model_revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {value!r}")
+        if self.model_type is not None and self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not one LeanK supports ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                "set the model_type of the model the masks were made for, or None if unknown"
+            )
+        if not isinstance(self.method, Mapping):
+            raise ValueError(f"method must be a dict (how the masks were made), got {self.method!r:.80}")
         object.__setattr__(self, "method", dict(self.method))
-        object.__setattr__(self, "evaluation", tuple(dict(row) for row in self.evaluation))
+        evaluation = self.evaluation
+        if not isinstance(evaluation, (list, tuple)) or not all(isinstance(row, Mapping) for row in evaluation):
+            raise ValueError(f"evaluation must be a list of dicts (table rows), got {evaluation!r:.80}")
+        object.__setattr__(self, "evaluation", tuple(dict(row) for row in evaluation))
         validate_windows(self.sink, self.recent, self.block_size)
         self._validate_alignment()
-        if layer_types is not None:
-            if len(layer_types) != self.num_layers:
-                raise ValueError(
-                    f"layer_types has {len(layer_types)} entries but the mask has {self.num_layers} layers"
-                )
-            unpruned = [
-                i for i, t in enumerate(layer_types) if t != LEANK_LAYER_TYPE and not self.channel_mask[i].all()
-            ]
-            if unpruned:
-                raise ValueError(
-                    f"layers {unpruned} are not full-attention layers ({layer_types[unpruned[0]]!r}); LeanK leaves "
-                    "their cache alone, so their masks must keep every channel"
-                )
+        self._validate_layer_types()
+
+    def _validate_layer_types(self) -> None:
+        layer_types = self.layer_types
+        if layer_types is None:
+            return
+        if not isinstance(layer_types, (list, tuple)) or not all(isinstance(t, str) for t in layer_types):
+            raise ValueError(
+                f"layer_types must be a list of layer type names (e.g. {LEANK_LAYER_TYPE!r}) or None, "
+                f"got {layer_types!r:.80}"
+            )
+        layer_types = tuple(layer_types)
+        object.__setattr__(self, "layer_types", layer_types)
+        if len(layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries but the mask has {self.num_layers} layers")
+        unpruned = [i for i, t in enumerate(layer_types) if t != LEANK_LAYER_TYPE and not self.channel_mask[i].all()]
+        if unpruned:
+            raise ValueError(
+                f"layers {unpruned} are not full-attention layers ({layer_types[unpruned[0]]!r}); LeanK leaves "
+                "their cache alone, so their masks must keep every channel"
+            )
 
     def _validate_alignment(self) -> None:
-        if not isinstance(self.align, int) or self.align <= 0:
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align <= 0:
             raise ValueError(f"align must be a positive integer, got {self.align!r}")
         if self.head_dim % self.align:
+            # Powers of two suit the decode kernel's channel tiles; 1 divides every head_dim.
+            divisors = [str(d) for d in (128, 64, 32, 16, 8, 4, 2, 1) if self.head_dim % d == 0][:3]
             raise ValueError(
-                f"head_dim {self.head_dim} is not divisible by the alignment {self.align}; "
-                f"use an align that divides head_dim (e.g. 16)"
+                f"head_dim {self.head_dim} is not divisible by the alignment {self.align}; use an align that "
+                f"divides head_dim, such as {', '.join(divisors)}"
             )
         counts = self.kept_counts
         bad = (counts % self.align != 0).nonzero()
@@ -348,6 +363,24 @@ class LeanKMasks:
         key = (str(directory.resolve()), config_path.stat().st_mtime_ns, masks_path.stat().st_mtime_ns)
         masks = _load_directory(*key)
         return masks.replace(**overrides) if overrides else masks
+
+
+def _as_keep_mask(mask: object) -> torch.Tensor:
+    """`mask` as a contiguous CPU bool tensor; refuse shapes and values that are not a 0/1 keep-mask."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 3:
+        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"channel_mask must be a [layers, kv_heads, head_dim] tensor, got {shape}")
+    if 0 in mask.shape:
+        raise ValueError(f"channel_mask has shape {list(mask.shape)}; it needs at least one layer, KV head and channel")
+    if mask.dtype != torch.bool:
+        stray = mask[(mask != 0) & (mask != 1)]  # NaN included
+        if stray.numel():
+            raise ValueError(
+                f"channel_mask must be boolean or hold only 0 and 1 (1 = keep the channel), found {stray[0].item()}; "
+                "threshold scores into a 0/1 mask first (see leank_hf.select_channels)"
+            )
+        mask = mask != 0
+    return mask.detach().cpu().contiguous()
 
 
 def validate_windows(sink: int, recent: int, block_size: int) -> None:

@@ -39,26 +39,43 @@ def test_dense_round_trip_and_indices():
     assert masks.to_dense() is not masks.channel_mask, "to_dense must not expose internal state"
 
 
-def test_integer_masks_are_accepted_as_0_1():
-    mask = aligned_mask().to(torch.uint8)
-    assert torch.equal(LeanKMasks(mask).channel_mask, mask.bool())
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float32, torch.bfloat16])
+def test_numeric_masks_holding_0_and_1_are_accepted(dtype):
+    mask = aligned_mask()
+    assert torch.equal(LeanKMasks(mask.to(dtype)).channel_mask, mask)
+
+
+ONES = torch.ones(1, 1, 32, dtype=torch.bool)
 
 
 @pytest.mark.parametrize(
     ("mask", "kwargs", "match"),
     [
         (torch.ones(2, 32, dtype=torch.bool), {}, r"\[layers, kv_heads, head_dim\]"),
-        (torch.full((1, 1, 32), 2), {}, "only 0 and 1"),
-        (torch.ones(1, 1, 32), {}, "only 0 and 1"),  # float masks are ambiguous (scores or probabilities)
-        (torch.ones(1, 1, 24, dtype=torch.bool), {}, "not divisible by the alignment"),
+        (torch.full((1, 1, 32), 2), {}, "only 0 and 1.*found 2"),
+        (torch.full((1, 1, 32), 0.5), {}, "only 0 and 1.*found 0.5"),  # scores or probabilities, not a mask
+        (torch.full((1, 1, 32), float("nan")), {}, "only 0 and 1.*found nan"),
+        (torch.ones(0, 3, 32, dtype=torch.bool), {}, r"shape \[0, 3, 32\]; it needs at least one layer"),
+        (torch.ones(2, 0, 32, dtype=torch.bool), {}, r"shape \[2, 0, 32\]"),
+        (torch.ones(2, 3, 0, dtype=torch.bool), {}, r"shape \[2, 3, 0\]"),
+        (torch.ones(1, 1, 24, dtype=torch.bool), {}, "head_dim 24 is not divisible by the alignment 16.*8, 4, 2$"),
+        (torch.ones(1, 1, 60, dtype=torch.bool), {}, "head_dim 60 .* alignment 16.*such as 4, 2, 1$"),
+        (ONES, {"align": True}, "align must be a positive integer, got True"),
+        (ONES, {"model_type": "gpt2"}, "model_type 'gpt2' is not one LeanK supports.*llama, mistral"),
+        (ONES, {"base_model": 5}, "base_model must be a string or None, got 5"),
+        (ONES, {"method": [1, 2]}, r"method must be a dict.*got \[1, 2\]"),
+        (ONES, {"evaluation": [1]}, "evaluation must be a list of dicts"),
+        (ONES, {"evaluation": {"kl": 1.0}}, "evaluation must be a list of dicts"),
+        (ONES, {"layer_types": 5}, "layer_types must be a list of layer type names"),
+        (ONES, {"layer_types": "full_attention"}, "layer_types must be a list"),
         (torch.cat([torch.ones(1, 1, 8), torch.zeros(1, 1, 24)], -1).bool(), {}, "not a multiple of the alignment"),
-        (torch.ones(1, 1, 32, dtype=torch.bool), {"sink": -1}, "sink"),
-        (torch.ones(1, 1, 32, dtype=torch.bool), {"recent": "256"}, "recent"),
-        (torch.ones(1, 1, 32, dtype=torch.bool), {"block_size": 0}, "block_size"),
-        (torch.ones(1, 1, 32, dtype=torch.bool), {"sink": 2**70}, r"sink must be an integer from 0 to 1048576"),
-        (torch.ones(1, 1, 32, dtype=torch.bool), {"recent": 2**20 + 1}, r"recent .* to 1048576 \(MAX_WINDOW"),
-        (torch.ones(1, 1, 32, dtype=torch.bool), {"block_size": 2**40}, r"block_size .* 1 to 1048576"),
-        (torch.ones(1, 1, 32, dtype=torch.bool), {"align": 0}, "align"),
+        (ONES, {"sink": -1}, "sink"),
+        (ONES, {"recent": "256"}, "recent"),
+        (ONES, {"block_size": 0}, "block_size"),
+        (ONES, {"sink": 2**70}, r"sink must be an integer from 0 to 1048576"),
+        (ONES, {"recent": 2**20 + 1}, r"recent .* to 1048576 \(MAX_WINDOW"),
+        (ONES, {"block_size": 2**40}, r"block_size .* 1 to 1048576"),
+        (ONES, {"align": 0}, "align"),
         (torch.ones(2, 1, 32, dtype=torch.bool), {"layer_types": ("full_attention",)}, "layer_types"),
     ],
 )
