@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 # Magic bytes of formats we refuse to load: zip (torch.save since 1.6) and raw pickle protocol 2+.
 _PICKLE_SIGNATURES = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -55,27 +56,50 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    return json_from_bytes(path.read_bytes(), path)
+
+
+def json_from_bytes(data: bytes, path: str | os.PathLike) -> dict[str, Any]:
+    """Parse the bytes of the JSON file `path` (named in errors): a UTF-8 JSON object, strict (no NaN)."""
+    fix = "the file is corrupt; re-save or re-download it"
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save or re-download it") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
+        parsed = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); {fix}") from err
+    except ValueError as err:  # a JSONDecodeError, or NaN / Infinity
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from err
+    except RecursionError as err:
+        raise ValueError(f"{path} nests JSON too deeply to be a file leank-hf wrote; {fix}") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(parsed).__name__}; {fix}")
+    return parsed
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number (strict JSON has no NaN or infinities)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a float")
+    return value
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file; refuse pickles and name corrupt files clearly."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(_PICKLE_SIGNATURES):
+    return safetensors_from_bytes(path.read_bytes(), path)
+
+
+def safetensors_from_bytes(data: bytes, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Parse the bytes of the safetensors file `path` (named in errors); refuse pickles."""
+    if data.startswith(_PICKLE_SIGNATURES):
         raise ValueError(
             f"{path} is a pickle (torch.save) file. leank-hf never loads pickles because they can run code; "
             "convert it to safetensors in an environment you trust."
         )
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
+        return load(data)
+    except SafetensorError as err:
         raise ValueError(f"{path} is not a valid safetensors file ({err}); re-save or re-download it") from err

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
-from .io import atomic_write, read_json, read_safetensors, write_json, write_safetensors
+from .io import atomic_write, read_json, safetensors_from_bytes, write_json, write_safetensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -303,7 +303,7 @@ class LeanKMasks:
             metadata={"format": "pt", "source_model": self.base_model or ""},
         )
         config = self.to_config_dict()
-        config["masks_sha256"] = _sha256(masks_path)
+        config["masks_sha256"] = _sha256(masks_path.read_bytes())
         write_json(save_directory / CONFIG_NAME, config)
         plot_masks(self, save_directory / HEATMAP_NAME)
         card_path = save_directory / CARD_NAME
@@ -392,48 +392,85 @@ def validate_windows(sink: int, recent: int, block_size: int) -> None:
             )
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count
+
+
+# Fields of leank_config.json, all required: those that are also LeanKMasks fields, then those only the file has.
+_MASKS_FIELDS = tuple(f.name for f in dataclasses.fields(LeanKMasks) if f.name != "channel_mask")
+_CONFIG_FIELDS = ("format_version", "num_layers", "num_kv_heads", "head_dim", "keep_ratio", "masks_sha256")
 
 
 @functools.lru_cache(maxsize=32)
 def _load_directory(directory: str, _config_mtime: int, _masks_mtime: int) -> LeanKMasks:
-    directory_path = Path(directory)
-    config = read_json(directory_path / CONFIG_NAME)
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{directory_path / CONFIG_NAME} has format_version {version!r}; this leank-hf reads version "
-            f"{FORMAT_VERSION}. Upgrade leank-hf or re-save the masks with this version."
-        )
-    masks_path = directory_path / MASKS_NAME
-    expected_sha = config.get("masks_sha256")
-    if expected_sha is not None and expected_sha != _sha256(masks_path):
+    config_path, masks_path = Path(directory) / CONFIG_NAME, Path(directory) / MASKS_NAME
+    config = _read_config(config_path)
+    masks_bytes = masks_path.read_bytes()
+    if _sha256(masks_bytes) != config["masks_sha256"]:
         raise ValueError(
             f"{masks_path} does not match the checksum in {CONFIG_NAME}: the repo was modified or half-written; "
             "re-save or re-download it"
         )
-    tensors = read_safetensors(masks_path)
-    if _MASK_TENSOR not in tensors:
-        raise ValueError(f"{masks_path} holds no {_MASK_TENSOR!r} tensor (found {sorted(tensors)})")
-    mask = tensors[_MASK_TENSOR]
-    declared = [config.get("num_layers"), config.get("num_kv_heads"), config.get("head_dim")]
-    if list(mask.shape) != declared:
-        raise ValueError(f"{masks_path} holds a mask of shape {list(mask.shape)} but {CONFIG_NAME} declares {declared}")
-    layer_types = config.get("layer_types")
-    try:
-        return LeanKMasks(
-            channel_mask=mask,
-            sink=config.get("sink", 64),
-            recent=config.get("recent", 256),
-            block_size=config.get("block_size", 64),
-            align=config.get("align", 16),
-            layer_types=tuple(layer_types) if layer_types is not None else None,
-            model_type=config.get("model_type"),
-            base_model=config.get("base_model"),
-            base_model_revision=config.get("base_model_revision"),
-            method=config.get("method") or {},
-            evaluation=tuple(config.get("evaluation") or ()),
+    return _parse_repo(config_path, config, masks_path, masks_bytes)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The config of a mask repo, with the fields that say how to read the rest checked."""
+    config = read_json(path)
+    missing = [name for name in (*_CONFIG_FIELDS, *_MASKS_FIELDS) if name not in config]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the field(s) {', '.join(missing)}; it is not a complete mask repo config: re-save the "
+            "masks with leank-hf (or restore the file)"
         )
+    version = config["format_version"]
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}; this leank-hf reads version {FORMAT_VERSION}. Upgrade "
+            "leank-hf or re-save the masks with this version."
+        )
+    sha = config["masks_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or sha.strip("0123456789abcdef"):
+        raise ValueError(
+            f"{path}: masks_sha256 must be the SHA-256 of {MASKS_NAME} as 64 lowercase hex digits, got {sha!r:.80}; "
+            "re-save the masks"
+        )
+    return config
+
+
+def _parse_repo(config_path: Path, config: dict[str, Any], masks_path: Path, masks_bytes: bytes) -> LeanKMasks:
+    """The masks of a repo whose masks file matched its checksum; errors name the file, the field and the fix."""
+    fix = f"fix that field of {config_path.name} or re-save the masks"
+    for name in ("num_layers", "num_kv_heads", "head_dim"):
+        if not _is_int(config[name]):
+            raise ValueError(f"{config_path}: {name} must be an integer, got {config[name]!r:.80}; {fix}")
+    tensors = safetensors_from_bytes(masks_bytes, masks_path)
+    if _MASK_TENSOR not in tensors:
+        raise ValueError(f"{masks_path} holds no {_MASK_TENSOR!r} tensor (found {sorted(tensors)}); re-save the masks")
+    mask = tensors[_MASK_TENSOR]
+    declared = [config["num_layers"], config["num_kv_heads"], config["head_dim"]]
+    if list(mask.shape) != declared:
+        raise ValueError(
+            f"{masks_path} holds a mask of shape {list(mask.shape)} but {config_path} declares {declared} "
+            "(num_layers, num_kv_heads, head_dim); re-save the masks"
+        )
+    try:
+        masks = LeanKMasks(mask, **{name: config[name] for name in _MASKS_FIELDS})
     except ValueError as err:
-        raise ValueError(f"invalid LeanK mask repo {directory_path}: {err}") from err
+        raise ValueError(f"{config_path}: {err}; {fix}") from err
+    keep_ratio = config["keep_ratio"]
+    # The file holds round(keep_ratio, 6); allow that rounding and nothing more.
+    if (
+        isinstance(keep_ratio, bool)
+        or not isinstance(keep_ratio, (int, float))
+        or abs(keep_ratio - masks.keep_ratio) > 1e-6
+    ):
+        raise ValueError(
+            f"{config_path}: keep_ratio is {keep_ratio!r:.80} but the mask in {masks_path.name} keeps "
+            f"{masks.keep_ratio:.6f} of the key channels; {fix}"
+        )
+    return masks

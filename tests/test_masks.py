@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from leank_hf import LeanKMasks
 from leank_hf.masks import CONFIG_NAME, MASKS_NAME
@@ -126,44 +128,131 @@ def test_half_written_repo_is_detected(tmp_path):
         LeanKMasks.from_pretrained(tmp_path)
 
 
-def test_corrupt_pickled_and_missing_files(tmp_path):
-    LeanKMasks(aligned_mask()).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    config.pop("masks_sha256")
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+@pytest.fixture(scope="module")
+def saved_repo(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "repo"
+    LeanKMasks(aligned_mask(), base_model="org/model", model_type="llama").save_pretrained(folder)
+    return folder
 
-    (tmp_path / MASKS_NAME).write_bytes(b"\x80\x04" + pickle.dumps({"channel_mask": [1, 0]})[2:])
-    with pytest.raises(ValueError, match="is a pickle"):  # not "pickle": this test's tmp_path holds that word
-        LeanKMasks.from_pretrained(tmp_path)
-    (tmp_path / MASKS_NAME).write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="not a valid safetensors"):
-        LeanKMasks.from_pretrained(tmp_path)
-    (tmp_path / CONFIG_NAME).write_text("{broken")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        LeanKMasks.from_pretrained(tmp_path)
-    (tmp_path / MASKS_NAME).unlink()
-    with pytest.raises(FileNotFoundError, match=MASKS_NAME):
-        LeanKMasks.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no LeanK mask directory"):
-        LeanKMasks.from_pretrained(tmp_path / "nope")
+
+@pytest.fixture
+def repo(saved_repo, tmp_path) -> Path:
+    """A fresh copy of a saved mask repo, to damage."""
+    return Path(shutil.copytree(saved_repo, tmp_path / "repo"))
+
+
+def edit_config(folder: Path, edit: dict) -> None:
+    """Apply `edit` to the saved config; a value of `DROP` deletes that field."""
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config.update(edit)
+    (folder / CONFIG_NAME).write_text(json.dumps({k: v for k, v in config.items() if v is not DROP}))
+
+
+def replace_masks_file(folder: Path, data: bytes) -> None:
+    """Write other bytes as the masks file, with a matching checksum, so the loader gets past the checksum."""
+    (folder / MASKS_NAME).write_bytes(data)
+    edit_config(folder, {"masks_sha256": hashlib.sha256(data).hexdigest()})
+
+
+DROP = object()
 
 
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
         ({"format_version": 99}, "format_version 99"),
-        ({"num_layers": 5}, "declares"),
-        ({"sink": -3}, "sink"),
+        ({"format_version": True}, "format_version True"),  # True == 1 in Python
+        ({"format_version": "1"}, "format_version '1'"),
+        ({"masks_sha256": DROP}, "lacks the field.*masks_sha256"),  # it used to turn verification off
+        ({"sink": DROP, "evaluation": DROP}, "lacks the field.*sink, evaluation"),
+        ({"masks_sha256": "abc"}, "masks_sha256 must be the SHA-256"),
+        ({"num_layers": 5}, r"declares \[5, 3, 32\]"),
+        ({"num_kv_heads": 3.0}, "num_kv_heads must be an integer, got 3.0"),
+        ({"head_dim": True}, "head_dim must be an integer, got True"),
+        ({"sink": -3}, "sink must be an integer"),
         ({"sink": 2**70}, "sink must be an integer from 0 to 1048576"),
+        ({"recent": True}, "recent must be an integer"),
+        ({"block_size": None}, "block_size must be an integer"),
+        ({"align": True}, "align must be a positive integer, got True"),
+        ({"align": 32}, "not a multiple of the alignment 32"),
+        ({"keep_ratio": 5}, "keep_ratio is 5 but the mask in leank_masks.safetensors keeps 0.666667"),
+        ({"keep_ratio": True}, "keep_ratio is True"),
+        ({"keep_ratio": "0.3"}, "keep_ratio is '0.3'"),
+        ({"layer_types": 5}, "layer_types must be a list"),
+        ({"layer_types": ["full_attention"]}, "layer_types has 1 entries but the mask has 2 layers"),
+        ({"method": [1, 2]}, "method must be a dict"),
+        ({"evaluation": {"kl": 0.1}}, "evaluation must be a list of dicts"),
+        ({"evaluation": [[0.1]]}, "evaluation must be a list of dicts"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not one LeanK supports"),
+        ({"model_type": ["llama"]}, "model_type must be a string or None"),
+        ({"base_model": 5}, "base_model must be a string or None"),
+        ({"base_model_revision": {}}, "base_model_revision must be a string or None"),
     ],
 )
-def test_bad_config_values(tmp_path, edit, match):
-    LeanKMasks(aligned_mask()).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    config.update(edit)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+def test_bad_config_values_are_named_with_the_file_and_the_fix(repo, edit, match):
+    edit_config(repo, edit)
+    with pytest.raises(ValueError, match=match) as info:
+        LeanKMasks.from_pretrained(repo)
+    assert str(repo / CONFIG_NAME) in str(info.value) and "re-save" in str(info.value)
+
+
+def test_keep_ratio_allows_only_the_rounding_of_the_saved_value(repo):
+    saved = json.loads((repo / CONFIG_NAME).read_text())["keep_ratio"]
+    edit_config(repo, {"keep_ratio": LeanKMasks(aligned_mask()).keep_ratio})  # unrounded
+    LeanKMasks.from_pretrained(repo)
+    edit_config(repo, {"keep_ratio": saved + 2e-6})
+    with pytest.raises(ValueError, match="keep_ratio"):
+        LeanKMasks.from_pretrained(repo)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"{broken", "not valid JSON"),
+        (b'{"sink": NaN}', "not valid JSON.*NaN is not a JSON number"),
+        (b'{"sink": 1e999}', "not valid JSON.*1e999 is out of the range"),
+        (b"[]", "must hold a JSON object, found list"),
+        ('{"base_model": "caf\u00e9"}'.encode("latin-1"), "not UTF-8 text"),  # used to raise UnicodeDecodeError
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests JSON too deeply"),  # used to raise RecursionError
+    ],
+    ids=["broken", "nan", "overflow", "list", "latin-1", "deep"],
+)
+def test_unreadable_config_files_are_named(repo, content, match):
+    (repo / CONFIG_NAME).write_bytes(content)
+    with pytest.raises(ValueError, match=match) as info:
+        LeanKMasks.from_pretrained(repo)
+    assert str(repo / CONFIG_NAME) in str(info.value) and "re-save or re-download" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "edit", "match"),
+    [
+        (b"\x80\x04" + pickle.dumps({"channel_mask": [1, 0]})[2:], {}, "is a pickle"),  # tmp_path holds "pickle"
+        (b"not a safetensors file at all", {}, "not a valid safetensors"),
+        (save({"other": torch.ones(2, 3, 32, dtype=torch.uint8)}), {}, "holds no 'channel_mask' tensor"),
+        (
+            save({"channel_mask": torch.ones(0, 3, 32, dtype=torch.uint8)}),
+            {"num_layers": 0},
+            r"shape \[0, 3, 32\]; it needs at least one layer",  # `leank-hf inspect` divided by zero on it
+        ),
+    ],
+)
+def test_bad_masks_files_are_named(repo, content, edit, match):
+    replace_masks_file(repo, content)
+    edit_config(repo, edit)
     with pytest.raises(ValueError, match=match):
-        LeanKMasks.from_pretrained(tmp_path)
+        LeanKMasks.from_pretrained(repo)
+
+
+def test_missing_files_and_folders_are_named(repo):
+    (repo / MASKS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=MASKS_NAME):
+        LeanKMasks.from_pretrained(repo)
+    (repo / CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        LeanKMasks.from_pretrained(repo)
+    with pytest.raises(FileNotFoundError, match="no LeanK mask directory"):
+        LeanKMasks.from_pretrained(repo / "nope")
 
 
 @pytest.mark.skipif(not REFERENCE_MASKS.is_dir(), reason="../shared/reference_masks is not beside the checkout")
