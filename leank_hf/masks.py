@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
-from .io import atomic_write, read_json, safetensors_from_bytes, write_json, write_safetensors
+from .io import atomic_write, json_from_bytes, safetensors_from_bytes, write_json, write_safetensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -347,7 +348,8 @@ class LeanKMasks:
         """Load a mask repo: a local directory, a shipped mask by short name (`leank_hf.zoo_names()`), or a Hub repo.
 
         Hub downloads go through `huggingface_hub.snapshot_download` (its cache, `HF_HUB_OFFLINE`, `HF_ENDPOINT`).
-        Loaded masks are memoised (keyed by folder and file modification times), so loading again costs nothing.
+        Parsing is memoised on the files' content, so loading again only reads, compares and copies two small files;
+        each call returns its own masks (an in-place edit by one caller never shows in another's).
         `overrides` replace saved fields, e.g. ``recent=768``.
         """
         from .hub import resolve_repo
@@ -356,13 +358,14 @@ class LeanKMasks:
             pretrained, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
             force_download=force_download,
         )  # fmt: skip
-        config_path, masks_path = directory / CONFIG_NAME, directory / MASKS_NAME
-        for path in (config_path, masks_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{directory} is not a LeanK mask repo: {path.name} is missing")
-        key = (str(directory.resolve()), config_path.stat().st_mtime_ns, masks_path.stat().st_mtime_ns)
-        masks = _load_directory(*key)
-        return masks.replace(**overrides) if overrides else masks
+        shared = _parse_repo(*_read_repo(directory))
+        return dataclasses.replace(
+            shared,
+            channel_mask=shared.channel_mask.clone(),
+            method=copy.deepcopy(shared.method),
+            evaluation=copy.deepcopy(shared.evaluation),
+            **overrides,
+        )
 
 
 def _as_keep_mask(mask: object) -> torch.Tensor:
@@ -405,22 +408,28 @@ _MASKS_FIELDS = tuple(f.name for f in dataclasses.fields(LeanKMasks) if f.name !
 _CONFIG_FIELDS = ("format_version", "num_layers", "num_kv_heads", "head_dim", "keep_ratio", "masks_sha256")
 
 
-@functools.lru_cache(maxsize=32)
-def _load_directory(directory: str, _config_mtime: int, _masks_mtime: int) -> LeanKMasks:
-    config_path, masks_path = Path(directory) / CONFIG_NAME, Path(directory) / MASKS_NAME
-    config = _read_config(config_path)
-    masks_bytes = masks_path.read_bytes()
-    if _sha256(masks_bytes) != config["masks_sha256"]:
+def _read_repo(directory: Path) -> tuple[Path, bytes, Path, bytes]:
+    """Paths and bytes of the config and the masks file of the repo in `directory`, checked against each other."""
+    config_path, masks_path = directory / CONFIG_NAME, directory / MASKS_NAME
+    config_bytes, masks_bytes = _read_repo_file(config_path), _read_repo_file(masks_path)
+    if _sha256(masks_bytes) != _read_config(config_bytes, config_path)["masks_sha256"]:
         raise ValueError(
             f"{masks_path} does not match the checksum in {CONFIG_NAME}: the repo was modified or half-written; "
             "re-save or re-download it"
         )
-    return _parse_repo(config_path, config, masks_path, masks_bytes)
+    return config_path, config_bytes, masks_path, masks_bytes
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    """The config of a mask repo, with the fields that say how to read the rest checked."""
-    config = read_json(path)
+def _read_repo_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError) as err:
+        raise FileNotFoundError(f"{path.parent} is not a LeanK mask repo: {path.name} is missing") from err
+
+
+def _read_config(data: bytes, path: Path) -> dict[str, Any]:
+    """The config of a mask repo from its bytes, with the fields that say how to read the rest checked."""
+    config = json_from_bytes(data, path)
     missing = [name for name in (*_CONFIG_FIELDS, *_MASKS_FIELDS) if name not in config]
     if missing:
         raise ValueError(
@@ -442,8 +451,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _parse_repo(config_path: Path, config: dict[str, Any], masks_path: Path, masks_bytes: bytes) -> LeanKMasks:
-    """The masks of a repo whose masks file matched its checksum; errors name the file, the field and the fix."""
+@functools.lru_cache(maxsize=32)
+def _parse_repo(config_path: Path, config_bytes: bytes, masks_path: Path, masks_bytes: bytes) -> LeanKMasks:
+    """The masks of a repo whose files `_read_repo` checked; errors name the file, the field and the fix.
+
+    Memoised on the paths and the bytes (a few KB each): a file replaced behind an unchanged modification time is
+    parsed again. The result is shared by every caller with these bytes, so callers copy it.
+    """
+    config = _read_config(config_bytes, config_path)
     fix = f"fix that field of {config_path.name} or re-save the masks"
     for name in ("num_layers", "num_kv_heads", "head_dim"):
         if not _is_int(config[name]):

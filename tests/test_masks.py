@@ -94,7 +94,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", CONFIG_NAME, MASKS_NAME, "mask_heatmap.png"]
     loaded = LeanKMasks.from_pretrained(tmp_path)
     assert loaded == masks
-    assert LeanKMasks.from_pretrained(tmp_path) is loaded, "loads are memoised"
+    again = LeanKMasks.from_pretrained(tmp_path)
+    assert again == loaded and again is not loaded and again.channel_mask is not loaded.channel_mask
     assert LeanKMasks.from_pretrained(tmp_path, recent=64).recent == 64
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["format_version"] == 1 and config["keep_ratio"] == pytest.approx(masks.keep_ratio, abs=1e-6)
@@ -105,6 +106,27 @@ def test_resave_reloads_new_content(tmp_path):
     first = LeanKMasks.from_pretrained(tmp_path)
     LeanKMasks(aligned_mask(seed=1)).save_pretrained(tmp_path)
     assert LeanKMasks.from_pretrained(tmp_path) != first
+
+
+def test_an_in_place_edit_of_loaded_masks_stays_with_its_caller(repo):
+    saved = LeanKMasks.from_pretrained(repo)
+    mine = LeanKMasks.from_pretrained(repo)
+    mine.channel_mask.logical_not_()
+    mine.method["name"] = "edited"
+    mine.evaluation[0]["kl"] = -1.0
+    assert LeanKMasks.from_pretrained(repo) == saved
+    assert saved.evaluation[0]["kl"] == 0.125
+
+
+def test_a_file_replaced_behind_an_unchanged_mtime_is_reloaded(repo, tmp_path):
+    first = LeanKMasks.from_pretrained(repo)
+    other = LeanKMasks(aligned_mask(seed=1), base_model="org/other", model_type="llama")
+    other.save_pretrained(tmp_path / "other")
+    for name in (CONFIG_NAME, MASKS_NAME):
+        stat = (repo / name).stat()
+        shutil.copyfile(tmp_path / "other" / name, repo / name)
+        os.utime(repo / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert LeanKMasks.from_pretrained(repo) == other != first
 
 
 def test_failed_save_leaves_previous_repo_intact(tmp_path, monkeypatch):
@@ -131,7 +153,8 @@ def test_half_written_repo_is_detected(tmp_path):
 @pytest.fixture(scope="module")
 def saved_repo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("saved") / "repo"
-    LeanKMasks(aligned_mask(), base_model="org/model", model_type="llama").save_pretrained(folder)
+    rows = ({"method": "LeanK", "kl": 0.125},)
+    LeanKMasks(aligned_mask(), base_model="org/model", model_type="llama", evaluation=rows).save_pretrained(folder)
     return folder
 
 
