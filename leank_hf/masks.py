@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,9 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save
 
 from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
-from .io import atomic_write, json_from_bytes, safetensors_from_bytes, write_json, write_safetensors
+from .card import CARD_NAME, HEATMAP_NAME, plot_masks, render_card
+from .io import (
+    atomic_write_bytes,
+    directory_lock,
+    json_bytes,
+    json_from_bytes,
+    replace_durably,
+    safetensors_from_bytes,
+    temp_glob,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,6 +37,8 @@ CONFIG_NAME = "leank_config.json"
 MASKS_NAME = "leank_masks.safetensors"
 FORMAT_VERSION = 1
 _MASK_TENSOR = "channel_mask"
+# Where a save puts the new masks until the config naming their SHA-256 is in place (see save_pretrained).
+_PENDING_MASKS = ".leank_masks.{}.safetensors"
 # Upper bound of each window setting (sink, recent, block_size), in tokens. Real settings are tens to thousands (the
 # paper: 64 and 256); the bound turns a corrupt value such as sink=2**70 into a clear error here instead of an
 # OverflowError deep in the cache.
@@ -289,28 +303,36 @@ class LeanKMasks:
     ) -> None:
         """Write the mask repo into `save_directory`: config, masks, heatmap PNG and (if absent) a model card.
 
-        Each file is written to a temporary name and renamed into place; the config (written after the masks) holds
-        the masks file's SHA-256, so an interrupted save is detected on load instead of loading mismatched files.
-        An existing README.md is kept (it may have been edited by hand) unless `overwrite_card`; `repo_id` names the
-        repo in a new card's usage snippet.
+        Whatever happens (a crash, a power loss, an error, other saves to the same folder), the folder loads as the
+        repo it held before or as the new one. Every file is rendered in memory first, so a value that cannot be
+        saved (NaN in an evaluation row) raises before anything changes. The new masks go under a hidden pending
+        name holding their SHA-256; replacing the config, which names that checksum, is the single commit point;
+        then the pending file is renamed onto the masks file (loading finds it under either name). Files and renames
+        are synced to disk, saves to one folder take turns (`directory_lock`), and each save removes what killed
+        ones left. The card and heatmap, which are for people, follow the commit. An existing README.md is kept (it
+        may have been edited by hand) unless `overwrite_card`; `repo_id` names the repo in a new card's usage snippet.
         """
-        from .card import CARD_NAME, HEATMAP_NAME, plot_masks, render_card
-
-        save_directory = Path(save_directory)
-        masks_path = save_directory / MASKS_NAME
-        write_safetensors(
-            masks_path,
+        masks_bytes = save(
             {_MASK_TENSOR: self.channel_mask.to(torch.uint8)},
             metadata={"format": "pt", "source_model": self.base_model or ""},
         )
-        config = self.to_config_dict()
-        config["masks_sha256"] = _sha256(masks_path.read_bytes())
-        write_json(save_directory / CONFIG_NAME, config)
-        plot_masks(self, save_directory / HEATMAP_NAME)
-        card_path = save_directory / CARD_NAME
-        if overwrite_card or not card_path.exists():
-            card = render_card(self, repo_id)
-            atomic_write(card_path, lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+        sha = _sha256(masks_bytes)
+        config_bytes = json_bytes({**self.to_config_dict(), "masks_sha256": sha}, CONFIG_NAME)
+        card_bytes = render_card(self, repo_id).encode("utf-8")
+        heatmap_bytes = _heatmap_png(self)
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        pending = directory / _PENDING_MASKS.format(sha)
+        with directory_lock(directory):
+            try:
+                atomic_write_bytes(pending, masks_bytes)
+                atomic_write_bytes(directory / CONFIG_NAME, config_bytes)  # the commit point
+                replace_durably(pending, directory / MASKS_NAME)
+            finally:
+                _remove_stale_files(directory)
+            atomic_write_bytes(directory / HEATMAP_NAME, heatmap_bytes)
+            if overwrite_card or not (directory / CARD_NAME).exists():
+                atomic_write_bytes(directory / CARD_NAME, card_bytes)
 
     def push_to_hub(
         self,
@@ -395,6 +417,30 @@ def validate_windows(sink: int, recent: int, block_size: int) -> None:
             )
 
 
+def _heatmap_png(masks: LeanKMasks) -> bytes:
+    """The heatmap as PNG bytes, drawn in a temporary folder outside the repo (`plot_masks` writes to a path)."""
+    with tempfile.TemporaryDirectory(prefix="leank-heatmap-") as folder:
+        path = Path(folder) / HEATMAP_NAME
+        plot_masks(masks, path)
+        return path.read_bytes()
+
+
+def _remove_stale_files(directory: Path) -> None:
+    """Remove what failed or killed saves left: temporary files, and pending masks that the config does not name."""
+    config_path = directory / CONFIG_NAME
+    try:
+        named = _PENDING_MASKS.format(_read_config(config_path.read_bytes(), config_path)["masks_sha256"])
+    except FileNotFoundError:
+        named = None
+    except ValueError:
+        return  # the config cannot be read, so it may name any pending file: keep them
+    any_pending = _PENDING_MASKS.format("*")
+    for pattern in (any_pending, *map(temp_glob, (CONFIG_NAME, MASKS_NAME, CARD_NAME, HEATMAP_NAME, any_pending))):
+        for path in directory.glob(pattern):
+            if path.name != named:
+                path.unlink(missing_ok=True)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -409,15 +455,36 @@ _CONFIG_FIELDS = ("format_version", "num_layers", "num_kv_heads", "head_dim", "k
 
 
 def _read_repo(directory: Path) -> tuple[Path, bytes, Path, bytes]:
-    """Paths and bytes of the config and the masks file of the repo in `directory`, checked against each other."""
-    config_path, masks_path = directory / CONFIG_NAME, directory / MASKS_NAME
-    config_bytes, masks_bytes = _read_repo_file(config_path), _read_repo_file(masks_path)
-    if _sha256(masks_bytes) != _read_config(config_bytes, config_path)["masks_sha256"]:
+    """Paths and bytes of the config of the repo in `directory` and of the masks file it names by checksum.
+
+    A save commits by replacing the config; its masks wait under their pending name until renamed onto MASKS_NAME.
+    A read racing a save can miss both (the config read before the commit, the masks file after the rename), so it
+    reads once more under a shared lock on the folder, which waits for the save to end.
+    """
+    found = _read_matching_files(directory)
+    if found is None:
+        with directory_lock(directory, shared=True):
+            found = _read_matching_files(directory)
+    if found is None:
+        masks_path = directory / MASKS_NAME
+        _read_repo_file(masks_path)  # a missing file is named as such
         raise ValueError(
             f"{masks_path} does not match the checksum in {CONFIG_NAME}: the repo was modified or half-written; "
             "re-save or re-download it"
         )
-    return config_path, config_bytes, masks_path, masks_bytes
+    return found
+
+
+def _read_matching_files(directory: Path) -> tuple[Path, bytes, Path, bytes] | None:
+    config_path = directory / CONFIG_NAME
+    config_bytes = _read_repo_file(config_path)
+    sha = _read_config(config_bytes, config_path)["masks_sha256"]
+    for masks_path in (directory / MASKS_NAME, directory / _PENDING_MASKS.format(sha)):
+        with contextlib.suppress(FileNotFoundError):
+            masks_bytes = masks_path.read_bytes()
+            if _sha256(masks_bytes) == sha:
+                return config_path, config_bytes, masks_path, masks_bytes
+    return None
 
 
 def _read_repo_file(path: Path) -> bytes:

@@ -32,6 +32,36 @@ def aligned_mask(layers=2, heads=3, head_dim=32, seed=0) -> torch.Tensor:
     return mask
 
 
+DROP = object()  # a value for edit_config: delete the field
+
+
+@pytest.fixture(scope="module")
+def saved_repo(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "repo"
+    rows = ({"method": "LeanK", "kl": 0.125},)
+    LeanKMasks(aligned_mask(), base_model="org/model", model_type="llama", evaluation=rows).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def repo(saved_repo, tmp_path) -> Path:
+    """A fresh copy of a saved mask repo, to damage."""
+    return Path(shutil.copytree(saved_repo, tmp_path / "repo"))
+
+
+def edit_config(folder: Path, edit: dict) -> None:
+    """Apply `edit` to the saved config; a value of `DROP` deletes that field."""
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config.update(edit)
+    (folder / CONFIG_NAME).write_text(json.dumps({k: v for k, v in config.items() if v is not DROP}))
+
+
+def replace_masks_file(folder: Path, data: bytes) -> None:
+    """Write other bytes as the masks file, with a matching checksum, so the loader gets past the checksum."""
+    (folder / MASKS_NAME).write_bytes(data)
+    edit_config(folder, {"masks_sha256": hashlib.sha256(data).hexdigest()})
+
+
 def test_dense_round_trip_and_indices():
     mask = aligned_mask()
     masks = LeanKMasks.from_dense(mask, sink=8, recent=32)
@@ -129,55 +159,11 @@ def test_a_file_replaced_behind_an_unchanged_mtime_is_reloaded(repo, tmp_path):
     assert LeanKMasks.from_pretrained(repo) == other != first
 
 
-def test_failed_save_leaves_previous_repo_intact(tmp_path, monkeypatch):
-    LeanKMasks(aligned_mask(seed=0)).save_pretrained(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    def crash(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")  # the crash comes mid-write, after the file was opened
-        raise OSError("disk full")
-
-    monkeypatch.setattr("leank_hf.io.save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        LeanKMasks(aligned_mask(seed=1)).save_pretrained(tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "no temp files, old files untouched"
-
-
 def test_half_written_repo_is_detected(tmp_path):
     LeanKMasks(aligned_mask(seed=0)).save_pretrained(tmp_path)
     save_file({"channel_mask": aligned_mask(seed=1).to(torch.uint8)}, tmp_path / MASKS_NAME)
     with pytest.raises(ValueError, match="checksum"):
         LeanKMasks.from_pretrained(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def saved_repo(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("saved") / "repo"
-    rows = ({"method": "LeanK", "kl": 0.125},)
-    LeanKMasks(aligned_mask(), base_model="org/model", model_type="llama", evaluation=rows).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def repo(saved_repo, tmp_path) -> Path:
-    """A fresh copy of a saved mask repo, to damage."""
-    return Path(shutil.copytree(saved_repo, tmp_path / "repo"))
-
-
-def edit_config(folder: Path, edit: dict) -> None:
-    """Apply `edit` to the saved config; a value of `DROP` deletes that field."""
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config.update(edit)
-    (folder / CONFIG_NAME).write_text(json.dumps({k: v for k, v in config.items() if v is not DROP}))
-
-
-def replace_masks_file(folder: Path, data: bytes) -> None:
-    """Write other bytes as the masks file, with a matching checksum, so the loader gets past the checksum."""
-    (folder / MASKS_NAME).write_bytes(data)
-    edit_config(folder, {"masks_sha256": hashlib.sha256(data).hexdigest()})
-
-
-DROP = object()
 
 
 @pytest.mark.parametrize(
