@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
 import os
+import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save
 
-from .architectures import LEANK_LAYER_TYPE, ModelSpec
-from .io import atomic_write, read_json, read_safetensors, write_json, write_safetensors
+from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
+from .card import CARD_NAME, HEATMAP_NAME, plot_masks, render_card
+from .io import (
+    atomic_write_bytes,
+    directory_lock,
+    json_bytes,
+    json_from_bytes,
+    replace_durably,
+    safetensors_from_bytes,
+    temp_glob,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +37,12 @@ CONFIG_NAME = "leank_config.json"
 MASKS_NAME = "leank_masks.safetensors"
 FORMAT_VERSION = 1
 _MASK_TENSOR = "channel_mask"
+# Where a save puts the new masks until the config naming their SHA-256 is in place (see save_pretrained).
+_PENDING_MASKS = ".leank_masks.{}.safetensors"
+# Upper bound of each window setting (sink, recent, block_size), in tokens. Real settings are tens to thousands (the
+# paper: 64 and 256); the bound turns a corrupt value such as sink=2**70 into a clear error here instead of an
+# OverflowError deep in the cache.
+MAX_WINDOW_TOKENS = 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,42 +82,56 @@ class LeanKMasks:
     evaluation: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        mask = self.channel_mask
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 3:
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"channel_mask must be a [layers, kv_heads, head_dim] tensor, got {shape}")
-        if mask.dtype != torch.bool:
-            if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("channel_mask must be boolean or hold only 0 and 1 (1 = keep the channel)")
-            mask = mask.bool()
-        object.__setattr__(self, "channel_mask", mask.detach().cpu().contiguous())
-        layer_types = tuple(self.layer_types) if self.layer_types is not None else None
-        object.__setattr__(self, "layer_types", layer_types)
+        object.__setattr__(self, "channel_mask", _as_keep_mask(self.channel_mask))
+        for name in ("model_type", "base_model", "base_model_revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {value!r}")
+        if self.model_type is not None and self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not one LeanK supports ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                "set the model_type of the model the masks were made for, or None if unknown"
+            )
+        if not isinstance(self.method, Mapping):
+            raise ValueError(f"method must be a dict (how the masks were made), got {self.method!r:.80}")
         object.__setattr__(self, "method", dict(self.method))
-        object.__setattr__(self, "evaluation", tuple(dict(row) for row in self.evaluation))
+        evaluation = self.evaluation
+        if not isinstance(evaluation, (list, tuple)) or not all(isinstance(row, Mapping) for row in evaluation):
+            raise ValueError(f"evaluation must be a list of dicts (table rows), got {evaluation!r:.80}")
+        object.__setattr__(self, "evaluation", tuple(dict(row) for row in evaluation))
         validate_windows(self.sink, self.recent, self.block_size)
         self._validate_alignment()
-        if layer_types is not None:
-            if len(layer_types) != self.num_layers:
-                raise ValueError(
-                    f"layer_types has {len(layer_types)} entries but the mask has {self.num_layers} layers"
-                )
-            unpruned = [
-                i for i, t in enumerate(layer_types) if t != LEANK_LAYER_TYPE and not self.channel_mask[i].all()
-            ]
-            if unpruned:
-                raise ValueError(
-                    f"layers {unpruned} are not full-attention layers ({layer_types[unpruned[0]]!r}); LeanK leaves "
-                    "their cache alone, so their masks must keep every channel"
-                )
+        self._validate_layer_types()
+
+    def _validate_layer_types(self) -> None:
+        layer_types = self.layer_types
+        if layer_types is None:
+            return
+        if not isinstance(layer_types, (list, tuple)) or not all(isinstance(t, str) for t in layer_types):
+            raise ValueError(
+                f"layer_types must be a list of layer type names (e.g. {LEANK_LAYER_TYPE!r}) or None, "
+                f"got {layer_types!r:.80}"
+            )
+        layer_types = tuple(layer_types)
+        object.__setattr__(self, "layer_types", layer_types)
+        if len(layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries but the mask has {self.num_layers} layers")
+        unpruned = [i for i, t in enumerate(layer_types) if t != LEANK_LAYER_TYPE and not self.channel_mask[i].all()]
+        if unpruned:
+            raise ValueError(
+                f"layers {unpruned} are not full-attention layers ({layer_types[unpruned[0]]!r}); LeanK leaves "
+                "their cache alone, so their masks must keep every channel"
+            )
 
     def _validate_alignment(self) -> None:
-        if not isinstance(self.align, int) or self.align <= 0:
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align <= 0:
             raise ValueError(f"align must be a positive integer, got {self.align!r}")
         if self.head_dim % self.align:
+            # Powers of two suit the decode kernel's channel tiles; 1 divides every head_dim.
+            divisors = [str(d) for d in (128, 64, 32, 16, 8, 4, 2, 1) if self.head_dim % d == 0][:3]
             raise ValueError(
-                f"head_dim {self.head_dim} is not divisible by the alignment {self.align}; "
-                f"use an align that divides head_dim (e.g. 16)"
+                f"head_dim {self.head_dim} is not divisible by the alignment {self.align}; use an align that "
+                f"divides head_dim, such as {', '.join(divisors)}"
             )
         counts = self.kept_counts
         bad = (counts % self.align != 0).nonzero()
@@ -269,28 +303,36 @@ class LeanKMasks:
     ) -> None:
         """Write the mask repo into `save_directory`: config, masks, heatmap PNG and (if absent) a model card.
 
-        Each file is written to a temporary name and renamed into place; the config (written after the masks) holds
-        the masks file's SHA-256, so an interrupted save is detected on load instead of loading mismatched files.
-        An existing README.md is kept (it may have been edited by hand) unless `overwrite_card`; `repo_id` names the
-        repo in a new card's usage snippet.
+        Whatever happens (a crash, a power loss, an error, other saves to the same folder), the folder loads as the
+        repo it held before or as the new one. Every file is rendered in memory first, so a value that cannot be
+        saved (NaN in an evaluation row) raises before anything changes. The new masks go under a hidden pending
+        name holding their SHA-256; replacing the config, which names that checksum, is the single commit point;
+        then the pending file is renamed onto the masks file (loading finds it under either name). Files and renames
+        are synced to disk, saves to one folder take turns (`directory_lock`), and each save removes what killed
+        ones left. The card and heatmap, which are for people, follow the commit. An existing README.md is kept (it
+        may have been edited by hand) unless `overwrite_card`; `repo_id` names the repo in a new card's usage snippet.
         """
-        from .card import CARD_NAME, HEATMAP_NAME, plot_masks, render_card
-
-        save_directory = Path(save_directory)
-        masks_path = save_directory / MASKS_NAME
-        write_safetensors(
-            masks_path,
+        masks_bytes = save(
             {_MASK_TENSOR: self.channel_mask.to(torch.uint8)},
             metadata={"format": "pt", "source_model": self.base_model or ""},
         )
-        config = self.to_config_dict()
-        config["masks_sha256"] = _sha256(masks_path)
-        write_json(save_directory / CONFIG_NAME, config)
-        plot_masks(self, save_directory / HEATMAP_NAME)
-        card_path = save_directory / CARD_NAME
-        if overwrite_card or not card_path.exists():
-            card = render_card(self, repo_id)
-            atomic_write(card_path, lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+        sha = _sha256(masks_bytes)
+        config_bytes = json_bytes({**self.to_config_dict(), "masks_sha256": sha}, CONFIG_NAME)
+        card_bytes = render_card(self, repo_id).encode("utf-8")
+        heatmap_bytes = _heatmap_png(self)
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        pending = directory / _PENDING_MASKS.format(sha)
+        with directory_lock(directory):
+            try:
+                atomic_write_bytes(pending, masks_bytes)
+                atomic_write_bytes(directory / CONFIG_NAME, config_bytes)  # the commit point
+                replace_durably(pending, directory / MASKS_NAME)
+            finally:
+                _remove_stale_files(directory)
+            atomic_write_bytes(directory / HEATMAP_NAME, heatmap_bytes)
+            if overwrite_card or not (directory / CARD_NAME).exists():
+                atomic_write_bytes(directory / CARD_NAME, card_bytes)
 
     def push_to_hub(
         self,
@@ -328,7 +370,8 @@ class LeanKMasks:
         """Load a mask repo: a local directory, a shipped mask by short name (`leank_hf.zoo_names()`), or a Hub repo.
 
         Hub downloads go through `huggingface_hub.snapshot_download` (its cache, `HF_HUB_OFFLINE`, `HF_ENDPOINT`).
-        Loaded masks are memoised (keyed by folder and file modification times), so loading again costs nothing.
+        Parsing is memoised on the files' content, so loading again only reads, compares and copies two small files;
+        each call returns its own masks (an in-place edit by one caller never shows in another's).
         `overrides` replace saved fields, e.g. ``recent=768``.
         """
         from .hub import resolve_repo
@@ -337,64 +380,179 @@ class LeanKMasks:
             pretrained, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
             force_download=force_download,
         )  # fmt: skip
-        config_path, masks_path = directory / CONFIG_NAME, directory / MASKS_NAME
-        for path in (config_path, masks_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{directory} is not a LeanK mask repo: {path.name} is missing")
-        key = (str(directory.resolve()), config_path.stat().st_mtime_ns, masks_path.stat().st_mtime_ns)
-        masks = _load_directory(*key)
-        return masks.replace(**overrides) if overrides else masks
+        shared = _parse_repo(*_read_repo(directory))
+        return dataclasses.replace(
+            shared,
+            channel_mask=shared.channel_mask.clone(),
+            method=copy.deepcopy(shared.method),
+            evaluation=copy.deepcopy(shared.evaluation),
+            **overrides,
+        )
+
+
+def _as_keep_mask(mask: object) -> torch.Tensor:
+    """`mask` as a contiguous CPU bool tensor; refuse shapes and values that are not a 0/1 keep-mask."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 3:
+        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"channel_mask must be a [layers, kv_heads, head_dim] tensor, got {shape}")
+    if 0 in mask.shape:
+        raise ValueError(f"channel_mask has shape {list(mask.shape)}; it needs at least one layer, KV head and channel")
+    if mask.dtype != torch.bool:
+        stray = mask[(mask != 0) & (mask != 1)]  # NaN included
+        if stray.numel():
+            raise ValueError(
+                f"channel_mask must be boolean or hold only 0 and 1 (1 = keep the channel), found {stray[0].item()}; "
+                "threshold scores into a 0/1 mask first (see leank_hf.select_channels)"
+            )
+        mask = mask != 0
+    return mask.detach().cpu().contiguous()
 
 
 def validate_windows(sink: int, recent: int, block_size: int) -> None:
-    """Raise a clear error for window settings out of range."""
+    """Raise a clear error for window settings out of range (the cache, the trainer and mask repos use these)."""
     for name, value, low in (("sink", sink, 0), ("recent", recent, 0), ("block_size", block_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WINDOW_TOKENS:
+            raise ValueError(
+                f"{name} must be an integer from {low} to {MAX_WINDOW_TOKENS} (MAX_WINDOW_TOKENS), got {value!r}"
+            )
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _heatmap_png(masks: LeanKMasks) -> bytes:
+    """The heatmap as PNG bytes, drawn in a temporary folder outside the repo (`plot_masks` writes to a path)."""
+    with tempfile.TemporaryDirectory(prefix="leank-heatmap-") as folder:
+        path = Path(folder) / HEATMAP_NAME
+        plot_masks(masks, path)
+        return path.read_bytes()
 
 
-@functools.lru_cache(maxsize=32)
-def _load_directory(directory: str, _config_mtime: int, _masks_mtime: int) -> LeanKMasks:
-    directory_path = Path(directory)
-    config = read_json(directory_path / CONFIG_NAME)
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{directory_path / CONFIG_NAME} has format_version {version!r}; this leank-hf reads version "
-            f"{FORMAT_VERSION}. Upgrade leank-hf or re-save the masks with this version."
-        )
-    masks_path = directory_path / MASKS_NAME
-    expected_sha = config.get("masks_sha256")
-    if expected_sha is not None and expected_sha != _sha256(masks_path):
+def _remove_stale_files(directory: Path) -> None:
+    """Remove what failed or killed saves left: temporary files, and pending masks that the config does not name."""
+    config_path = directory / CONFIG_NAME
+    try:
+        named = _PENDING_MASKS.format(_read_config(config_path.read_bytes(), config_path)["masks_sha256"])
+    except FileNotFoundError:
+        named = None
+    except ValueError:
+        return  # the config cannot be read, so it may name any pending file: keep them
+    any_pending = _PENDING_MASKS.format("*")
+    for pattern in (any_pending, *map(temp_glob, (CONFIG_NAME, MASKS_NAME, CARD_NAME, HEATMAP_NAME, any_pending))):
+        for path in directory.glob(pattern):
+            if path.name != named:
+                path.unlink(missing_ok=True)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count
+
+
+# Fields of leank_config.json, all required: those that are also LeanKMasks fields, then those only the file has.
+_MASKS_FIELDS = tuple(f.name for f in dataclasses.fields(LeanKMasks) if f.name != "channel_mask")
+_CONFIG_FIELDS = ("format_version", "num_layers", "num_kv_heads", "head_dim", "keep_ratio", "masks_sha256")
+
+
+def _read_repo(directory: Path) -> tuple[Path, bytes, Path, bytes]:
+    """Paths and bytes of the config of the repo in `directory` and of the masks file it names by checksum.
+
+    A save commits by replacing the config; its masks wait under their pending name until renamed onto MASKS_NAME.
+    A read racing a save can miss both (the config read before the commit, the masks file after the rename), so it
+    reads once more under a shared lock on the folder, which waits for the save to end.
+    """
+    found = _read_matching_files(directory)
+    if found is None:
+        with directory_lock(directory, shared=True):
+            found = _read_matching_files(directory)
+    if found is None:
+        masks_path = directory / MASKS_NAME
+        _read_repo_file(masks_path)  # a missing file is named as such
         raise ValueError(
             f"{masks_path} does not match the checksum in {CONFIG_NAME}: the repo was modified or half-written; "
             "re-save or re-download it"
         )
-    tensors = read_safetensors(masks_path)
-    if _MASK_TENSOR not in tensors:
-        raise ValueError(f"{masks_path} holds no {_MASK_TENSOR!r} tensor (found {sorted(tensors)})")
-    mask = tensors[_MASK_TENSOR]
-    declared = [config.get("num_layers"), config.get("num_kv_heads"), config.get("head_dim")]
-    if list(mask.shape) != declared:
-        raise ValueError(f"{masks_path} holds a mask of shape {list(mask.shape)} but {CONFIG_NAME} declares {declared}")
-    layer_types = config.get("layer_types")
+    return found
+
+
+def _read_matching_files(directory: Path) -> tuple[Path, bytes, Path, bytes] | None:
+    config_path = directory / CONFIG_NAME
+    config_bytes = _read_repo_file(config_path)
+    sha = _read_config(config_bytes, config_path)["masks_sha256"]
+    for masks_path in (directory / MASKS_NAME, directory / _PENDING_MASKS.format(sha)):
+        with contextlib.suppress(FileNotFoundError):
+            masks_bytes = masks_path.read_bytes()
+            if _sha256(masks_bytes) == sha:
+                return config_path, config_bytes, masks_path, masks_bytes
+    return None
+
+
+def _read_repo_file(path: Path) -> bytes:
     try:
-        return LeanKMasks(
-            channel_mask=mask,
-            sink=config.get("sink", 64),
-            recent=config.get("recent", 256),
-            block_size=config.get("block_size", 64),
-            align=config.get("align", 16),
-            layer_types=tuple(layer_types) if layer_types is not None else None,
-            model_type=config.get("model_type"),
-            base_model=config.get("base_model"),
-            base_model_revision=config.get("base_model_revision"),
-            method=config.get("method") or {},
-            evaluation=tuple(config.get("evaluation") or ()),
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError) as err:
+        raise FileNotFoundError(f"{path.parent} is not a LeanK mask repo: {path.name} is missing") from err
+
+
+def _read_config(data: bytes, path: Path) -> dict[str, Any]:
+    """The config of a mask repo from its bytes, with the fields that say how to read the rest checked."""
+    config = json_from_bytes(data, path)
+    missing = [name for name in (*_CONFIG_FIELDS, *_MASKS_FIELDS) if name not in config]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the field(s) {', '.join(missing)}; it is not a complete mask repo config: re-save the "
+            "masks with leank-hf (or restore the file)"
         )
+    version = config["format_version"]
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}; this leank-hf reads version {FORMAT_VERSION}. Upgrade "
+            "leank-hf or re-save the masks with this version."
+        )
+    sha = config["masks_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or sha.strip("0123456789abcdef"):
+        raise ValueError(
+            f"{path}: masks_sha256 must be the SHA-256 of {MASKS_NAME} as 64 lowercase hex digits, got {sha!r:.80}; "
+            "re-save the masks"
+        )
+    return config
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_repo(config_path: Path, config_bytes: bytes, masks_path: Path, masks_bytes: bytes) -> LeanKMasks:
+    """The masks of a repo whose files `_read_repo` checked; errors name the file, the field and the fix.
+
+    Memoised on the paths and the bytes (a few KB each): a file replaced behind an unchanged modification time is
+    parsed again. The result is shared by every caller with these bytes, so callers copy it.
+    """
+    config = _read_config(config_bytes, config_path)
+    fix = f"fix that field of {config_path.name} or re-save the masks"
+    for name in ("num_layers", "num_kv_heads", "head_dim"):
+        if not _is_int(config[name]):
+            raise ValueError(f"{config_path}: {name} must be an integer, got {config[name]!r:.80}; {fix}")
+    tensors = safetensors_from_bytes(masks_bytes, masks_path)
+    if _MASK_TENSOR not in tensors:
+        raise ValueError(f"{masks_path} holds no {_MASK_TENSOR!r} tensor (found {sorted(tensors)}); re-save the masks")
+    mask = tensors[_MASK_TENSOR]
+    declared = [config["num_layers"], config["num_kv_heads"], config["head_dim"]]
+    if list(mask.shape) != declared:
+        raise ValueError(
+            f"{masks_path} holds a mask of shape {list(mask.shape)} but {config_path} declares {declared} "
+            "(num_layers, num_kv_heads, head_dim); re-save the masks"
+        )
+    try:
+        masks = LeanKMasks(mask, **{name: config[name] for name in _MASKS_FIELDS})
     except ValueError as err:
-        raise ValueError(f"invalid LeanK mask repo {directory_path}: {err}") from err
+        raise ValueError(f"{config_path}: {err}; {fix}") from err
+    keep_ratio = config["keep_ratio"]
+    # The file holds round(keep_ratio, 6); allow that rounding and nothing more.
+    if (
+        isinstance(keep_ratio, bool)
+        or not isinstance(keep_ratio, (int, float))
+        or abs(keep_ratio - masks.keep_ratio) > 1e-6
+    ):
+        raise ValueError(
+            f"{config_path}: keep_ratio is {keep_ratio!r:.80} but the mask in {masks_path.name} keeps "
+            f"{masks.keep_ratio:.6f} of the key channels; {fix}"
+        )
+    return masks
