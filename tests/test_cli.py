@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from leank_hf import LeanKMasks
 from leank_hf.cli import main
 
 from .conftest import tiny_llama
+from .hub_server import closed_port_url
 from .test_hub import RecordingApi
 from .test_masks import aligned_mask
 
@@ -67,6 +71,7 @@ def test_convert_refuses_arbitrary_pickles_and_bad_alignment(tmp_path, capsys):
 
 def test_push(monkeypatch, tmp_path, capsys):
     LeanKMasks(aligned_mask()).save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     api = RecordingApi()
     monkeypatch.setattr("leank_hf.hub.HfApi", lambda token=None: api)
     assert main(["push", str(tmp_path), "me/masks", "--private", "--create-pr", "--commit-message", "hi"]) == 0
@@ -74,6 +79,24 @@ def test_push(monkeypatch, tmp_path, capsys):
     assert api.calls[0] == ("create_repo", {"repo_id": "me/masks", "private": True, "exist_ok": True,
                                             "repo_type": "model"})  # fmt: skip
     assert api.calls[1][1]["create_pr"] is True and api.calls[1][1]["commit_message"] == "hi"
+
+
+def test_push_without_a_token_or_the_hub_ends_in_one_error_line(tmp_path):
+    """As a user runs it (huggingface_hub reads HF_ENDPOINT and HF_HOME at import): no token anywhere, then a token
+    but nothing listening at HF_ENDPOINT. Each ends in `leank-hf push: error:` naming the fix, not a traceback."""
+    LeanKMasks(aligned_mask()).save_pretrained(tmp_path / "repo")
+    unset = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_ENDPOINT=closed_port_url())
+    for extra, fix in (({}, "log in with `hf auth login`, set HF_TOKEN"), ({"HF_TOKEN": "hf_test"}, "HF_ENDPOINT")):
+        result = subprocess.run(
+            [sys.executable, "-m", "leank_hf.cli", "push", str(tmp_path / "repo"), "me/masks"],
+            env={**env, **extra}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("leank-hf push: error: ")]
+        assert len(errors) == 1 and fix in errors[0], result.stderr
 
 
 def test_errors_exit_2_with_a_message(capsys):

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 from leank_hf import LeanKCache, LeanKMasks, zoo_names
 from leank_hf.hub import push_masks
 
 from .conftest import tiny_model
-from .hub_server import HubServer
+from .hub_server import HubServer, closed_port_url
 from .test_masks import REFERENCE_MASKS, aligned_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +149,21 @@ def test_push_to_a_branch_or_as_a_pull_request():
     api = RecordingApi()
     push_masks(LeanKMasks(aligned_mask()), "me/masks", create_pr=True, api=api)
     assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"] and api.calls[1][1]["create_pr"]
+
+
+def test_push_failures_say_what_to_do(tmp_path):
+    """The Hub unreachable, a token refused (401) or without write access (403), a malformed repo id: each is an
+    OSError / ValueError that names the fix, not the HTTP client's exception."""
+    masks = LeanKMasks(aligned_mask())
+    with pytest.raises(OSError, match=r"could not reach the Hugging Face Hub at http://127.0.0.1:\d+ .*HF_ENDPOINT"):
+        push_masks(masks, "me/masks", api=HfApi(endpoint=closed_port_url(), token="hf_test"))
+    masks.save_pretrained(tmp_path)
+    for status, fix in ((401, "hf auth login"), (403, "write access")):
+        server = HubServer(tmp_path, "someone/masks", write_status=status)
+        with server as url, pytest.raises(OSError, match=rf"\({status} .*{fix}"):
+            push_masks(masks, "me/masks", api=HfApi(endpoint=url, token="hf_test"))
+    with pytest.raises(ValueError, match="cannot push to 'me/masks/extra'"):
+        push_masks(masks, "me/masks/extra", api=HfApi(endpoint=closed_port_url(), token="hf_test"))
 
 
 def test_push_to_hub_method_builds_the_client_with_the_token(monkeypatch):
