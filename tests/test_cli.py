@@ -8,12 +8,13 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from leank_hf import LeanKMasks
+from leank_hf import SUPPORTED_MODEL_TYPES, LeanKMasks
 from leank_hf.cli import main
 
 from .conftest import tiny_llama
@@ -62,7 +63,9 @@ def test_convert_refuses_arbitrary_pickles_and_bad_alignment(tmp_path, capsys):
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"channel_mask": Payload()}))
     assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()
-    assert "refusing to unpickle" in captured.err and "this must never run" not in captured.out
+    assert "does not unpickle those" in captured.err and "this must never run" not in captured.out
+    assert "weights_only=False" not in captured.err, "never advise loading it unsafely"
+    assert "torch.save(mask.bool()" in captured.err and "safetensors" in captured.err
     save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
     assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "32"]) == 2
     assert "not a multiple of the alignment 32" in capsys.readouterr().err
@@ -102,6 +105,54 @@ def test_push_without_a_token_or_the_hub_ends_in_one_error_line(tmp_path):
 def test_errors_exit_2_with_a_message(capsys):
     assert main(["inspect", "./no/such/dir"]) == 2
     assert "no LeanK mask directory" in capsys.readouterr().err
+
+
+def run(argv: list[str]) -> int:
+    """`main`'s exit code, also where argparse refuses an argument (it exits)."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--masks", "{tmp}/nonexistent", "--prompt-file", "{prompt}"], "no LeanK mask directory"),
+        (["generate", "--masks", "nonexistent", "--prompt-file", "{prompt}"], "nor in the local Hub cache"),
+        (["generate", "--masks", "smollm2-135m-instruct", "--prompt-file", "{tmp}/missing.txt"], "no such file"),
+        (["generate", "--masks", "smollm2-135m-instruct", "--prompt-file", "{prompt}", "--model", "{tmp}/none"],
+         "no model directory"),
+        (["train", "--out", "{tmp}/run", "--resume"], "no checkpoint-N folder"),
+        (["train", "--out", "{tmp}/run", "--keep-ratio", "1.5"], "must be in (0, 1]"),
+        (["train", "--out", "{tmp}/run", "--lengths", "900", "100"], "MIN <= MAX"),
+        (["train", "--out", "{tmp}/run", "--stage2-lr", "nan"], "must be > 0"),
+        (["eval", "--out", "{tmp}/eval", "--masks", "{tmp}/nonexistent"], "no LeanK mask directory"),
+        (["eval", "--out", "{tmp}/eval", "--record-in", "smollm2-135m-instruct"], "no such directory"),
+        (["eval", "--out", "{tmp}/eval", "--record-in", "{repo}", "--keep-ratios", "0.3"], "add 0.50 to them"),
+    ],
+)  # fmt: skip
+def test_inputs_are_checked_before_a_model_loads(argv, message, tmp_path, monkeypatch, capsys):
+    """Bad files, mask repos, model paths and numbers fail at once, with the model loader never called."""
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda args: pytest.fail("loaded a model before checking inputs"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the Hub lookup stays on this machine
+    (tmp_path / "prompt.txt").write_text("Hello")
+    half = torch.arange(32).expand(2, 3, 32) < 16
+    LeanKMasks(half).save_pretrained(tmp_path / "repo")
+    argv = [a.format(tmp=tmp_path, prompt=tmp_path / "prompt.txt", repo=tmp_path / "repo") for a in argv]
+    start = time.perf_counter()
+    assert run(argv) == 2
+    assert time.perf_counter() - start < 1.0
+    err = capsys.readouterr().err
+    assert f"leank-hf {argv[0]}: error: " in err and message in err, err
+
+
+def test_convert_refuses_unsupported_model_types_up_front(tmp_path, capsys):
+    save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
+    assert run(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--model-type", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'gpt2'" in err and all(f"'{name}'" in err for name in SUPPORTED_MODEL_TYPES)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
