@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, OSError) as err:  # the library's errors say what went wrong and what to do
+    except (ValueError, OSError, FloatingPointError) as err:  # the library's errors say what is wrong and what to do
         print(f"leank-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -219,6 +219,16 @@ def test_train_then_resume_then_eval(tiny_model_dir, tmp_path, capsys):
     assert "| learned | 0.5 |" in (record / "README.md").read_text()
 
 
+def test_a_diverged_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("LeanK mask learning: the loss became NaN or infinite in optimizer step 3. Lower ...")
+
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    monkeypatch.setattr("leank_hf.training.recipe.train_masks", diverge)
+    assert main(["train", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("leank-hf train: error: LeanK mask learning: the loss became NaN")
+
+
 def test_train_errors_are_reported(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--resume"]) == 2
     assert "checkpoint" in capsys.readouterr().err

@@ -189,6 +189,10 @@ class MaskLearner(nn.Module):
         with torch.no_grad():
             self.channel_scales.clamp_(0.0, 1.0)
 
+    def terms_are_finite(self) -> bool:
+        """Whether every loss term of the training forwards since the last `pop_terms` is finite."""
+        return not self._terms or bool(torch.isfinite(torch.stack(self._terms)).all())
+
     def pop_terms(self) -> dict[str, float]:
         """Mean loss terms of the training forwards since the last call (for logging)."""
         if not self._terms:
