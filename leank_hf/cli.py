@@ -1,4 +1,4 @@
-"""`leank-hf`: inspect, convert and push mask repos, and generate with a LeanK cache."""
+"""`leank-hf`: inspect, convert and push mask repos, generate with a LeanK cache, learn and evaluate masks."""
 
 from __future__ import annotations
 
@@ -12,30 +12,40 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
 from .masks import LeanKMasks
+from .training.callback import STAGE2_LEARNING_RATE
 
 EMBEDDED_MODEL = "smollm2"
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="leank-hf", description="LeanK K-cache channel masks for transformers")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    inspect = commands.add_parser("inspect", help="summarise a mask repo (local dir, shipped name, or Hub id)")
-    inspect.add_argument("repo", help="mask repo: directory, shipped short name, or Hub repo id")
-    inspect.add_argument(
-        "--context", type=POSITIVE_INT, default=32768, help="tokens per sequence for the memory estimate"
+def build_parser() -> argparse.ArgumentParser:
+    """The `leank-hf` parser: every option has a help text, and `--help` shows its default."""
+    parser = argparse.ArgumentParser(
+        prog="leank-hf", description="LeanK K-cache channel masks for transformers", formatter_class=HELP_FORMAT
     )
+    parser.add_argument("--version", action="version", version=f"leank-hf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="`leank-hf COMMAND --help` shows its options")  # fmt: skip
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT)
+
+    inspect = command("inspect", "summarise a mask repo (local dir, shipped name, or Hub id)")
+    inspect.add_argument("repo", help="mask repo: directory, shipped short name, or Hub repo id")
+    inspect.add_argument("--context", type=POSITIVE_INT, default=32768,
+                         help="tokens per sequence for the memory estimate")  # fmt: skip
     inspect.add_argument("--batch", type=POSITIVE_INT, default=1, help="sequences for the memory estimate")
     inspect.add_argument("--bytes-per-value", type=POSITIVE_INT, default=2, help="2 for bf16/fp16 caches, 4 for fp32")
     inspect.add_argument("--plot", type=Path, help="also write the kept-channel heatmap to this PNG")
-    inspect.add_argument("--revision", help="Hub revision")
+    inspect.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub mask repo")
     inspect.set_defaults(run=_inspect)
 
-    convert = commands.add_parser("convert", help="turn a [layers, kv_heads, head_dim] mask file into a mask repo")
+    convert = command("convert", "turn a [layers, kv_heads, head_dim] mask file into a mask repo")
     convert.add_argument("source", type=readable_file,
                          help=".safetensors (tensor 'channel_mask') or .pth of the paper's layout")  # fmt: skip
     convert.add_argument("output", type=Path, help="directory to write the mask repo into")
@@ -43,73 +53,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument("--base-model", type=hub_id, help="Hub id of the model the masks are for")
     convert.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES,
                          help="transformers model_type of that model (checked on load)")  # fmt: skip
-    convert.add_argument("--sink", type=COUNT, default=64)
-    convert.add_argument("--recent", type=COUNT, default=256)
-    convert.add_argument("--block-size", type=POSITIVE_INT, default=64)
+    convert.add_argument("--sink", type=COUNT, default=64, help="leading tokens that keep full keys")
+    convert.add_argument("--recent", type=COUNT, default=256, help="latest tokens that keep full keys")
+    convert.add_argument("--block-size", type=POSITIVE_INT, default=64,
+                         help="tokens moved from the recent window to the pruned store at a time")  # fmt: skip
     convert.add_argument("--source-note", help="provenance and licence text for the model card")
     convert.set_defaults(run=_convert)
 
-    push = commands.add_parser("push", help="upload a mask repo directory to the Hub")
-    push.add_argument("directory", type=directory)
-    push.add_argument("repo_id", type=hub_id)
-    push.add_argument("--private", action="store_true")
+    push = command("push", "upload a mask repo directory to the Hub (needs a token with write access)")
+    push.add_argument("directory", type=directory, help="the mask repo folder to upload")
+    push.add_argument("repo_id", type=hub_id, help="Hub repo to push to, e.g. you/your-masks (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private (an existing one is unchanged)")
     push.add_argument("--revision", help="branch to push to (created if missing)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    push.add_argument("--commit-message")
+    push.add_argument("--commit-message", help="commit message (unset: one naming the keep ratio)")
     push.set_defaults(run=_push)
 
-    generate = commands.add_parser("generate", help="generate with a LeanK cache (and the full cache to compare)")
+    generate = command("generate", "generate with a LeanK cache (and the full cache to compare)")
     _add_model_arguments(generate)
     generate.add_argument("--masks", required=True, help="mask repo: directory, shipped short name, or Hub repo id")
     generate.add_argument("--prompt-file", type=readable_file, required=True,
                           help="text file; sent through the chat template")  # fmt: skip
-    generate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
+    generate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="tokens to generate (greedy)")
     generate.add_argument("--compare", action="store_true", help="also generate with DynamicCache")
     generate.set_defaults(run=_generate)
 
-    train = commands.add_parser("train", help="learn masks (two-stage distillation, transformers.Trainer)")
+    train = command("train", "learn masks (two-stage distillation, transformers.Trainer)")
     _add_model_arguments(train)
     train.add_argument("--out", type=Path, required=True, help="output dir: checkpoints and the final leank_masks/")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--keep-ratio", type=RATIO, default=0.3, help="share of key channels the masks keep")
     train.add_argument("--align", type=POSITIVE_INT, default=16, help="per-head kept counts are multiples of this")
-    train.add_argument("--sink", type=COUNT, default=64)
-    train.add_argument("--recent", type=COUNT, default=256)
+    train.add_argument("--sink", type=COUNT, default=64, help="leading tokens that keep full keys")
+    train.add_argument("--recent", type=COUNT, default=256, help="latest tokens that keep full keys")
     train.add_argument("--lengths", type=POSITIVE_INT, nargs=2, default=(1024, 8192), metavar=("MIN", "MAX"),
                        help="prompt lengths of the retrieval examples, in tokens")  # fmt: skip
     train.add_argument("--examples", type=POSITIVE_INT, default=2000, help="retrieval examples in the training set")
-    train.add_argument("--stage1-steps", type=COUNT, default=2000)
-    train.add_argument("--stage2-steps", type=POSITIVE_INT, default=200)
-    train.add_argument("--lr", type=POSITIVE_FLOAT, default=0.02, help="stage-1 learning rate")
-    train.add_argument("--stage2-lr", type=POSITIVE_FLOAT, default=0.01)
-    train.add_argument("--l1-weight", type=NON_NEGATIVE_FLOAT, default=0.06, help="stage-1 L1 penalty weight (lambda)")
-    train.add_argument("--batch-size", type=POSITIVE_INT, default=1)
-    train.add_argument("--gradient-accumulation-steps", type=POSITIVE_INT, default=1)
-    train.add_argument("--save-steps", type=POSITIVE_INT, default=200)
-    train.add_argument("--logging-steps", type=POSITIVE_INT, default=10)
-    train.add_argument("--seed", type=COUNT, default=0)
-    train.add_argument("--base-model", type=hub_id, help="Hub id recorded in the masks (default: --model)")
+    train.add_argument("--stage1-steps", type=COUNT, default=2000, help="steps of continuous scales (paper: 2000)")
+    train.add_argument("--stage2-steps", type=POSITIVE_INT, default=200,
+                       help="steps of binary masks, straight-through (paper: 200)")  # fmt: skip
+    train.add_argument("--lr", type=POSITIVE_FLOAT, default=0.02, help="stage-1 learning rate (paper: 0.02)")
+    train.add_argument("--stage2-lr", type=POSITIVE_FLOAT, default=STAGE2_LEARNING_RATE,
+                       help="stage-2 learning rate (paper: 0.01, which made SmolLM2's masks worse than stage 1 "
+                            "alone; BENCHMARKS.md section 4)")  # fmt: skip
+    train.add_argument("--l1-weight", type=NON_NEGATIVE_FLOAT, default=0.06,
+                       help="stage-1 L1 penalty weight, lambda (paper: 0.06)")  # fmt: skip
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="examples per device and step")
+    train.add_argument("--gradient-accumulation-steps", type=POSITIVE_INT, default=1,
+                       help="batches per optimizer step")  # fmt: skip
+    train.add_argument("--save-steps", type=POSITIVE_INT, default=200,
+                       help="checkpoint (with its leank_masks/) every this many steps")  # fmt: skip
+    train.add_argument("--logging-steps", type=POSITIVE_INT, default=10, help="log losses every this many steps")
+    train.add_argument("--seed", type=COUNT, default=0, help="seed of the training data and of Trainer")
+    train.add_argument("--base-model", type=hub_id, help="Hub id recorded in the masks (unset: --model)")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="compare masks with the full cache and with baseline masks")
+    evaluate = command("eval", "compare masks with the full cache and with baseline masks")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--masks", nargs="*", default=[], help="learned mask repos (each at its own keep ratio)")
     evaluate.add_argument("--baselines", nargs="*", default=["calibration", "think", "random"],
                           choices=["calibration", "think", "random"], help="baselines to compare with")  # fmt: skip
-    evaluate.add_argument("--keep-ratios", type=RATIO, nargs="+", default=[0.5, 0.3, 0.2])
+    evaluate.add_argument("--keep-ratios", type=RATIO, nargs="+", default=[0.5, 0.3, 0.2],
+                          help="keep ratios the baselines are evaluated at (learned masks: at their own)")  # fmt: skip
     evaluate.add_argument("--sink", type=COUNT, default=64, help="sink of the baseline masks")
     evaluate.add_argument("--recent", type=COUNT, default=256, help="recent window of the baseline masks")
     evaluate.add_argument("--text-tokens", type=POSITIVE_INT, default=4096, help="length of each held-out prose window")
     evaluate.add_argument("--positions", type=POSITIVE_INT, default=512, help="last positions of each window compared")
     evaluate.add_argument("--texts", type=POSITIVE_INT, default=2, help="held-out prose windows")
-    evaluate.add_argument("--retrieval-tokens", type=POSITIVE_INT, default=2048)
-    evaluate.add_argument("--retrieval-tasks", type=POSITIVE_INT, default=20)
+    evaluate.add_argument("--retrieval-tokens", type=POSITIVE_INT, default=2048,
+                          help="length of each held-out retrieval task, in tokens")  # fmt: skip
+    evaluate.add_argument("--retrieval-tasks", type=POSITIVE_INT, default=20, help="held-out retrieval tasks")
     evaluate.add_argument("--out", type=Path, required=True, help="dir for eval.json, eval.md and the plot")
     evaluate.add_argument("--record-in", type=directory,
                           help="also store the rows at this mask repo's keep ratio in its config and card")  # fmt: skip
     evaluate.set_defaults(run=_evaluate)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except (ValueError, OSError, FloatingPointError) as err:  # the library's errors say what is wrong and what to do
@@ -213,8 +235,9 @@ def _push(args: argparse.Namespace) -> None:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=EMBEDDED_MODEL, help=f"model dir or Hub id ('{EMBEDDED_MODEL}': embedded)")
-    parser.add_argument("--gguf-file", help="GGUF file inside --model")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model (ignored for the embedded model)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype the model is loaded in")  # fmt: skip
 
 
 def model_source(args: argparse.Namespace) -> tuple[str, str | None]:

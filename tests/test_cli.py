@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import leank_hf
 from leank_hf import SUPPORTED_MODEL_TYPES, LeanKMasks
-from leank_hf.cli import main
+from leank_hf.cli import build_parser, main
+from leank_hf.training import LeanKMaskCallback
+from leank_hf.training.recipe import train_masks
 
 from .conftest import tiny_llama
 from .hub_server import closed_port_url
@@ -100,6 +106,39 @@ def test_push_without_a_token_or_the_hub_ends_in_one_error_line(tmp_path):
         assert "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("leank-hf push: error: ")]
         assert len(errors) == 1 and fix in errors[0], result.stderr
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices
+
+
+@pytest.mark.parametrize("name", ["inspect", "convert", "push", "generate", "train", "eval"])
+def test_help_explains_every_argument_and_shows_its_default(name, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    command = subcommands()[name]
+    text = command.format_help()
+    options = {block.split()[0].rstrip(","): " ".join(block.split()) for block in re.split(r"\n  (?=-)", text)}
+    for action in command._actions:
+        assert action.help, f"leank-hf {name}: {action.dest} has no help text"
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            assert f"(default: {action.default})" in options[action.option_strings[0]], options[
+                action.option_strings[0]
+            ]
+
+
+def test_stage2_learning_rate_defaults_to_the_measured_best():
+    """0.002, not the paper's 0.01, which made SmolLM2's masks worse than stage 1 alone (BENCHMARKS.md section 4)."""
+    assert build_parser().parse_args(["train", "--out", "run"]).stage2_lr == 0.002
+    assert inspect.signature(train_masks).parameters["stage2_learning_rate"].default == 0.002
+    assert LeanKMaskCallback().stage2_learning_rate == 0.002
+    assert "paper: 0.01" in subcommands()["train"].format_help()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"leank-hf {leank_hf.__version__}\n"
 
 
 def test_errors_exit_2_with_a_message(capsys):
