@@ -16,6 +16,7 @@ from . import __version__
 from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
+from .hub import hub_id_from_url
 from .masks import LeanKMasks
 from .training.callback import STAGE2_LEARNING_RATE
 
@@ -105,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint (with its leank_masks/) every this many steps")  # fmt: skip
     train.add_argument("--logging-steps", type=POSITIVE_INT, default=10, help="log losses every this many steps")
     train.add_argument("--seed", type=COUNT, default=0, help="seed of the training data and of Trainer")
-    train.add_argument("--base-model", type=hub_id, help="Hub id recorded in the masks (unset: --model)")
+    train.add_argument("--base-model", type=hub_id,
+                       help="Hub id recorded in the masks (unset: --model if it is a Hub id, else the repo a local "
+                            "GGUF file names as its source, else none)")  # fmt: skip
     train.set_defaults(run=_train)
 
     evaluate = command("eval", "compare masks with the full cache and with baseline masks")
@@ -307,6 +310,9 @@ def _train(args: argparse.Namespace) -> None:
         raise ValueError(f"--lengths MIN MAX needs MIN <= MAX, got {args.lengths[0]} {args.lengths[1]}")
     if args.resume and not (args.out.is_dir() and get_last_checkpoint(str(args.out))):
         raise ValueError(f"--resume: no checkpoint-N folder in {args.out} to resume from; drop --resume to start anew")
+    folder, gguf_file = source
+    local_gguf = Path(folder, gguf_file) if gguf_file and Path(folder).is_dir() else None
+    base_model = args.base_model or (gguf_source_repo(local_gguf) if local_gguf else None)
     model, tokenizer = load_model(source, args.dtype)
     masks = train_masks(
         model, tokenizer, args.out, keep_ratio=args.keep_ratio, align=args.align, sink=args.sink, recent=args.recent,
@@ -314,7 +320,7 @@ def _train(args: argparse.Namespace) -> None:
         stage2_steps=args.stage2_steps, learning_rate=args.lr, stage2_learning_rate=args.stage2_lr,
         l1_weight=args.l1_weight, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume, base_model=args.base_model,
+        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume, base_model=base_model,
     )  # fmt: skip
     print(f"masks written to {args.out / 'leank_masks'}: {masks.keep_ratio:.1%} of key channels kept, "
           f"{int((masks.kept_counts == 0).sum())} KV heads fully pruned")  # fmt: skip
@@ -351,6 +357,21 @@ def _evaluate(args: argparse.Namespace) -> None:
         kept = [r for r in rows if r["keep_ratio"] in (1.0, round(record.keep_ratio, 2))]
         record.replace(evaluation=kept).save_pretrained(args.record_in, overwrite_card=True)
         print(f"evaluation recorded in {args.record_in}")
+
+
+def gguf_source_repo(path: str | os.PathLike) -> str | None:
+    """The Hub repo a GGUF file says it was converted from (`general.source.repo_url` or `general.source.url`, as
+    llama.cpp's converter writes them), if it names one. Not `general.base_model.*`: those name the models the
+    converted one was fine-tuned from. The embedded SmolLM2 GGUF holds neither, only `general.name` and the like."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    for key in ("general.source.repo_url", "general.source.url"):
+        field = fields.get(key)
+        repo = hub_id_from_url(bytes(field.parts[field.data[0]]).decode("utf-8")) if field is not None else None
+        if repo:
+            return repo
+    return None
 
 
 def embedded_model_path() -> tuple[str, str]:

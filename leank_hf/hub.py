@@ -9,6 +9,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from huggingface_hub import HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import (
@@ -28,6 +29,27 @@ if TYPE_CHECKING:
 REPO_FILES = ("leank_config.json", "leank_masks.safetensors")
 
 LOG_IN = "log in with `hf auth login`, set HF_TOKEN, or pass token="
+
+
+def as_hub_id(name: str | None) -> str | None:
+    """`name` if it is a well-formed Hub repo id (`org/name` or `name`), else None: a filesystem path such as
+    `/tmp/model` must never become a link to `https://huggingface.co//tmp/model`."""
+    if name is None:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def hub_id_from_url(url: str) -> str | None:
+    """The model repo id in a `https://huggingface.co/org/name[/...]` URL; None for other sites, datasets, Spaces."""
+    parsed = urlparse(url)
+    parts = [part for part in parsed.path.split("/") if part]
+    if parsed.hostname not in ("huggingface.co", "hf.co") or not parts or parts[0] in ("datasets", "spaces"):
+        return None
+    return as_hub_id("/".join(parts[:2]))
 
 
 def zoo_names() -> list[str]:

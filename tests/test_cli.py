@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import gguf
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -266,6 +267,35 @@ def test_a_diverged_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("leank_hf.training.recipe.train_masks", diverge)
     assert main(["train", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("leank-hf train: error: LeanK mask learning: the loss became NaN")
+
+
+def test_train_records_the_hub_id_a_gguf_file_names(tmp_path, monkeypatch):
+    """A local GGUF naming its source repo (general.source.repo_url) gives the masks' base_model; --base-model wins."""
+    writer = gguf.GGUFWriter(tmp_path / "model.gguf", arch="llama")
+    writer.add_string("general.source.repo_url", "https://huggingface.co/org/source")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    recorded = []
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    trained = LeanKMasks(aligned_mask())
+    monkeypatch.setattr("leank_hf.training.recipe.train_masks",
+                        lambda *a, **kw: recorded.append(kw["base_model"]) or trained)  # fmt: skip
+    common = ["train", "--model", str(tmp_path), "--gguf-file", "model.gguf", "--out", str(tmp_path / "run")]
+    for extra in ([], ["--base-model", "org/explicit"]):
+        assert main([*common, *extra]) == 0
+    assert recorded == ["org/source", "org/explicit"]
+
+
+def test_train_on_a_model_folder_records_no_path_as_base_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--out", str(out), "--keep-ratio", "0.5", "--sink", "4",
+                 "--recent", "16", "--lengths", "100", "140", "--examples", "2", "--stage1-steps", "1",
+                 "--stage2-steps", "1", "--save-steps", "2"]) == 0  # fmt: skip
+    assert LeanKMasks.from_pretrained(out / "leank_masks").base_model is None
+    card = (out / "leank_masks" / "README.md").read_text()
+    assert str(tiny_model_dir) not in card and "huggingface.co//" not in card
 
 
 def test_train_errors_are_reported(tiny_model_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from leank_hf import LeanKCache, LeanKMasks, select_channels
 from leank_hf.compat import cache_kwargs
@@ -206,6 +206,16 @@ def test_export_is_exact_aligned_binarisation_and_skips_sliding_layers():
         "learned",
     )
     LeanKCache(masks, model)
+
+
+def test_a_model_from_a_local_folder_records_no_base_model(tmp_path):
+    """Its `name_or_path` is the folder, which is no Hub id; a Hub id or an explicit base_model is recorded."""
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    assert prepare_for_mask_learning(model).export_masks(keep_ratio=0.5).base_model is None
+    model.config._name_or_path = "org/tiny"  # as after from_pretrained("org/tiny")
+    assert prepare_for_mask_learning(model).base_model == "org/tiny"
+    assert prepare_for_mask_learning(model, base_model="org/base").base_model == "org/base"
 
 
 def test_checkpoints_hold_only_the_scales():

@@ -45,7 +45,8 @@ def train_masks(
 
     Checkpoints (each with a loadable mask repo in `leank_masks/`) go to `output_dir/checkpoint-N`, the final mask
     repo to `output_dir/leank_masks`. `resume=True` continues from the newest checkpoint in `output_dir`.
-    `base_model` is the Hub id recorded in the masks (default: the model's `name_or_path`).
+    `base_model` is the Hub id recorded in the masks (default: the model's `name_or_path` if it is a Hub id, else
+    none).
     The learning rate is constant within each stage: 0.02, then 0.002 (the paper's stage 2 uses 0.01, which made
     SmolLM2's masks worse than stage 1 alone; BENCHMARKS.md section 4).
     """
