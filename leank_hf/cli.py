@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import pickle
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
 from .hub import hub_id_from_url
-from .masks import LeanKMasks
+from .masks import CONFIG_NAME, LeanKMasks
 from .training.callback import STAGE2_LEARNING_RATE
 
 EMBEDDED_MODEL = "smollm2"
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = command("convert", "turn a [layers, kv_heads, head_dim] mask file into a mask repo")
     convert.add_argument("source", type=readable_file,
                          help=".safetensors (tensor 'channel_mask') or .pth of the paper's layout")  # fmt: skip
-    convert.add_argument("output", type=Path, help="directory to write the mask repo into")
+    convert.add_argument("output", type=Path, help="directory to write the mask repo into (replacing one there)")
     convert.add_argument("--align", type=POSITIVE_INT, default=32, help="per-head kept counts are multiples of this")
     convert.add_argument("--base-model", type=hub_id, help="Hub id of the model the masks are for")
     convert.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES,
@@ -223,7 +225,8 @@ def _convert(args: argparse.Namespace) -> None:
         mask, align=args.align, base_model=args.base_model, model_type=args.model_type, sink=args.sink,
         recent=args.recent, block_size=args.block_size, method=method,
     )  # fmt: skip
-    masks.save_pretrained(args.output)
+    with staged(args.output) as folder:
+        masks.save_pretrained(folder)
     print(f"wrote {args.output}: {masks.keep_ratio:.1%} of key channels kept")
 
 
@@ -346,17 +349,33 @@ def _evaluate(args: argparse.Namespace) -> None:
         model, tokenizer, methods, args.keep_ratios, text_tokens=args.text_tokens, positions=args.positions,
         texts=args.texts, retrieval_tokens=args.retrieval_tokens, retrieval_tasks=args.retrieval_tasks,
     )  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
-    write_json(args.out / "eval.json", {"rows": rows, "arguments": arguments})
-    (args.out / "eval.md").write_text(table + "\n", encoding="utf-8")
-    plot_accuracy(rows, args.out / "accuracy_vs_keep_ratio.png")
+    # Both folders change only once everything is written: a failure leaves neither half-done.
+    record_stage = staged(args.record_in) if record else contextlib.nullcontext()
+    with staged(args.out) as out, record_stage as record_folder:
+        write_json(out / "eval.json", {"rows": rows, "arguments": arguments})
+        (out / "eval.md").write_text(table + "\n", encoding="utf-8")
+        plot_accuracy(rows, out / "accuracy_vs_keep_ratio.png")
+        if record is not None:
+            kept = [r for r in rows if r["keep_ratio"] in (1.0, round(record.keep_ratio, 2))]
+            record.replace(evaluation=kept).save_pretrained(record_folder)
     print(table)
     if record is not None:
-        kept = [r for r in rows if r["keep_ratio"] in (1.0, round(record.keep_ratio, 2))]
-        record.replace(evaluation=kept).save_pretrained(args.record_in, overwrite_card=True)
         print(f"evaluation recorded in {args.record_in}")
+
+
+@contextlib.contextmanager
+def staged(directory: Path) -> Iterator[Path]:
+    """A temporary folder beside `directory` to write into. Its files replace those of the same names in `directory`
+    (created if needed) when the block ends without an error; after an error `directory` is as it was."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.", dir=directory.parent) as staging:
+        yield Path(staging)
+        directory.mkdir(exist_ok=True)
+        # A mask repo's config goes last: it holds the masks file's checksum, so no reader pairs it with old masks.
+        for path in sorted(Path(staging).iterdir(), key=lambda path: path.name == CONFIG_NAME):
+            os.replace(path, directory / path.name)
 
 
 def gguf_source_repo(path: str | os.PathLike) -> str | None:

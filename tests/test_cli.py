@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import gguf
 import pytest
@@ -77,6 +78,59 @@ def test_convert_refuses_arbitrary_pickles_and_bad_alignment(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "32"]) == 2
     assert "not a multiple of the alignment 32" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def fail(*args, **kwargs):
+    raise OSError("No space left on device")
+
+
+def test_convert_leaves_no_partial_repo(tmp_path, monkeypatch, capsys):
+    save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
+    monkeypatch.setattr("leank_hf.card.plot_masks", fail)  # after the masks and config are written
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"], "no repo, no staging folder left"
+
+    # Once all is written, the files move in with the config last: it holds the checksum of the masks beside it.
+    monkeypatch.undo()
+    moves, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: moves.append(Path(dst)) or replace(src, dst))
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]) == 0
+    moved = [path.name for path in moves if path.parent == tmp_path / "out"]
+    assert sorted(moved) == sorted(p.name for p in (tmp_path / "out").iterdir()) and moved[-1] == "leank_config.json"
+
+
+ROWS = [
+    {"method": "full cache", "keep_ratio": 1.0, "kl": 0.0, "top1": 1.0, "retrieval": 1.0, "full_cache_solved": "2/2"},
+    {"method": "learned", "keep_ratio": 0.5, "kl": 0.01, "top1": 0.9, "retrieval": 0.5},
+]
+
+
+@pytest.mark.parametrize("failing", [None, "leank_hf.eval.plot_accuracy", "leank_hf.card.render_card"])
+def test_eval_writes_its_outputs_and_the_record_all_or_nothing(failing, tmp_path, monkeypatch, capsys):
+    """A failure while writing (the plot, the record's card) leaves --out empty and --record-in as it was."""
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    monkeypatch.setattr("leank_hf.eval.standard_methods", lambda *args, **kwargs: {})
+    monkeypatch.setattr("leank_hf.eval.evaluate", lambda *args, **kwargs: ROWS)
+    record = tmp_path / "record"
+    LeanKMasks(torch.arange(32).expand(2, 3, 32) < 16).save_pretrained(record)
+    before = {p.name: p.read_bytes() for p in record.iterdir()}
+    if failing:
+        monkeypatch.setattr(failing, fail)
+    argv = ["eval", "--out", str(tmp_path / "eval"), "--keep-ratios", "0.5", "--record-in", str(record)]
+    assert main(argv) == (2 if failing else 0)
+    capsys.readouterr()
+    after = {p.name: p.read_bytes() for p in record.iterdir()}
+    if failing:
+        assert not (tmp_path / "eval").exists() and after == before
+    else:
+        assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+            "accuracy_vs_keep_ratio.png", "eval.json", "eval.md"
+        ]  # fmt: skip
+        recorded = LeanKMasks.from_pretrained(record)
+        assert [row["method"] for row in recorded.evaluation] == ["full cache", "learned"]
+        assert "| learned | 0.5 |" in after["README.md"].decode() and recorded.keep_ratio == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["record"] if failing else ["eval", "record"]), "no staging"
 
 
 def test_push(monkeypatch, tmp_path, capsys):
