@@ -18,7 +18,7 @@ from . import __version__
 from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
-from .hub import hub_id_from_url
+from .hub import as_hub_id, hub_id_from_url
 from .masks import CONFIG_NAME, LeanKMasks
 from .training.callback import STAGE2_LEARNING_RATE
 
@@ -255,10 +255,8 @@ def model_source(args: argparse.Namespace) -> tuple[str, str | None]:
         if args.gguf_file and not (folder / args.gguf_file).is_file():
             raise FileNotFoundError(f"--gguf-file: no {args.gguf_file} in {folder}")
         return args.model, args.gguf_file
-    try:
-        hub_id(args.model)
-    except argparse.ArgumentTypeError:
-        raise FileNotFoundError(f"--model: no model directory at {args.model} (and it is no Hub id)") from None
+    if as_hub_id(args.model) is None:
+        raise FileNotFoundError(f"--model: no model directory at {args.model} (and it is no Hub id)")
     return args.model, args.gguf_file
 
 
@@ -352,7 +350,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     table = format_table(rows)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     # Both folders change only once everything is written: a failure leaves neither half-done.
-    record_stage = staged(args.record_in) if record else contextlib.nullcontext()
+    record_stage = staged(args.record_in) if record is not None else contextlib.nullcontext()
     with staged(args.out) as out, record_stage as record_folder:
         write_json(out / "eval.json", {"rows": rows, "arguments": arguments})
         (out / "eval.md").write_text(table + "\n", encoding="utf-8")
@@ -452,13 +450,8 @@ def directory(text: str) -> Path:
 
 def hub_id(text: str) -> str:
     """An argparse type: a well-formed Hub repo id (`org/name` or `name`)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub repo id: {err}") from None
+    if as_hub_id(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub repo id (org/name or name)")
     return text
 
 
