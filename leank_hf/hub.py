@@ -2,26 +2,54 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, get_token, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 if TYPE_CHECKING:
     from .masks import LeanKMasks
 
 # Files of a mask repo that loading needs (the card and its image are for people).
 REPO_FILES = ("leank_config.json", "leank_masks.safetensors")
+
+LOG_IN = "log in with `hf auth login`, set HF_TOKEN, or pass token="
+
+
+def as_hub_id(name: str | None) -> str | None:
+    """`name` if it is a well-formed Hub repo id (`org/name` or `name`), else None: a filesystem path such as
+    `/tmp/model` must never become a link to `https://huggingface.co//tmp/model`."""
+    if name is None:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def hub_id_from_url(url: str) -> str | None:
+    """The model repo id in a `https://huggingface.co/org/name[/...]` URL; None for other sites, datasets, Spaces."""
+    parsed = urlparse(url)
+    parts = [part for part in parsed.path.split("/") if part]
+    if parsed.hostname not in ("huggingface.co", "hf.co") or not parts or parts[0] in ("datasets", "spaces"):
+        return None
+    return as_hub_id("/".join(parts[:2]))
 
 
 def zoo_names() -> list[str]:
@@ -89,19 +117,58 @@ def push_masks(
     commit_message: str | None = None,
     api: HfApi | None = None,
 ) -> str:
-    """Create `repo_id` if needed and upload the saved mask repo (with its card) in one commit; return its URL."""
-    api = api or HfApi(token=token)
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory(prefix="leank-push-") as folder:
-        masks.save_pretrained(folder, repo_id=repo_id)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload LeanK masks (keep ratio {masks.keep_ratio:.3f})",
-        )
+    """Create `repo_id` if needed and upload the saved mask repo (with its card) in one commit; return its URL.
+
+    Failures the user can fix are raised as `OSError` (no token, token refused, Hub unreachable) or `ValueError`
+    (malformed repo id), each saying what to do, instead of the HTTP client's exceptions.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"cannot push to {repo_id!r}: {err}") from None
+    if api is None:
+        if token is None and get_token() is None:  # the Hub would answer 401; say why before any request
+            raise OSError(f"pushing {repo_id!r} to the Hub needs a Hugging Face token with write access: {LOG_IN}")
+        api = HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory(prefix="leank-push-") as folder:
+            masks.save_pretrained(folder, repo_id=repo_id)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"Upload LeanK masks (keep ratio {masks.keep_ratio:.3f})",
+            )
+    except HfHubHTTPError as err:
+        raise _push_refused(err, repo_id) from err
+    except _transport_errors() as err:
+        endpoint = getattr(api, "endpoint", constants.ENDPOINT)
+        raise OSError(
+            f"could not reach the Hugging Face Hub at {endpoint} to push {repo_id!r} ({type(err).__name__}: {err}); "
+            "check the network connection (and proxy), and HF_ENDPOINT if you set it"
+        ) from err
     return str(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or repo_url)
+
+
+def _push_refused(err: HfHubHTTPError, repo_id: str) -> OSError:
+    """The Hub's refusal of a push as an error that says what to do."""
+    status = getattr(err.response, "status_code", None)
+    if status == 401:
+        return OSError(f"the Hub did not accept the token for pushing {repo_id!r} (401 Unauthorized): {LOG_IN}")
+    if status == 403:
+        return OSError(
+            f"the token may not write to {repo_id!r} (403 Forbidden): use a token with write access to that "
+            f"namespace ({LOG_IN}), or push to a repo of your own"
+        )
+    return OSError(f"the Hub refused the push to {repo_id!r}: {err}")
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Network errors of huggingface_hub's HTTP client: httpx under huggingface_hub 1.x, httpx2 under 2.x."""
+    names = [name for name in ("httpx2", "httpx") if importlib.util.find_spec(name) is not None]
+    return tuple(importlib.import_module(name).TransportError for name in names)

@@ -6,6 +6,8 @@ best channels, then round every head's count to the kernel alignment while holdi
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -23,7 +25,8 @@ def select_channels(
 
     Args:
         scores: `[layers, kv_heads, head_dim]` importance of each post-RoPE key channel (higher = keep).
-        keep_ratio: share of channels to keep, in `[0, 1]`.
+        keep_ratio: share of channels to keep, in `[0, 1]`; a positive ratio that rounds to no group of `align`
+            channels warns (everything is pruned).
         align: per-head counts are multiples of this (`head_dim` must be divisible by it).
         layers: layers to select in (the others keep every channel and do not count towards the ratio);
             `None` means all layers.
@@ -47,7 +50,13 @@ def select_channels(
         return mask
     selected = scores[layers].detach().float().cpu()  # [L', H, D]
     units_per_head = head_dim // align
-    total_units = round(keep_ratio * selected.numel() / align)
+    total_units = kept_groups(keep_ratio, selected.numel(), align)
+    if keep_ratio > 0 and total_units == 0:
+        warnings.warn(
+            f"keep_ratio {keep_ratio} of {selected.numel()} channels rounds to no group of {align}, so every channel "
+            f"is pruned; keep_ratio {align / selected.numel():.4g} keeps one group",
+            stacklevel=2,
+        )
 
     # How many channels each head would get from a global top-k, in units of `align`.
     k = min(total_units * align, selected.numel())
@@ -63,6 +72,11 @@ def select_channels(
     rank.scatter_(-1, order, torch.arange(head_dim).expand_as(order).contiguous())
     mask[layers] = rank < (units * align).unsqueeze(-1)
     return mask
+
+
+def kept_groups(keep_ratio: float, channels: int, align: int) -> int:
+    """How many groups of `align` channels `select_channels` keeps of `channels` at `keep_ratio` (rounded)."""
+    return round(keep_ratio * channels / align)
 
 
 def _round_preserving_total(values: torch.Tensor, total: int, cap: int) -> torch.Tensor:

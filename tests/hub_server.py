@@ -1,13 +1,15 @@
 """A local stand-in for the Hub's download endpoints, so `snapshot_download` runs for real in tests (HF_ENDPOINT).
 
 Serves the files of one folder as repo `repo_id` at one commit: repo info, the recursive tree listing, and
-`resolve` (HEAD and GET). Run `python -m tests.hub_server FOLDER REPO_ID` to try it by hand.
+`resolve` (HEAD and GET). Every write (POST) is refused with `write_status`, as the Hub refuses a missing or invalid
+token (401) or one without write access (403). Run `python -m tests.hub_server FOLDER REPO_ID` to try it by hand.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,9 +21,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class HubServer:
     """`with HubServer(folder, "org/name") as url:` serves `folder` as that repo at `url` on 127.0.0.1."""
 
-    def __init__(self, folder: Path, repo_id: str) -> None:
+    def __init__(self, folder: Path, repo_id: str, write_status: int = 401) -> None:
         self.files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
         self.repo_id = repo_id
+        self.write_status = write_status
         self.requests: list[str] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
 
@@ -37,6 +40,16 @@ class HubServer:
 
             def do_GET(self) -> None:
                 self._answer(body=True)
+
+            def do_POST(self) -> None:
+                server.requests.append(f"POST {unquote(urlparse(self.path).path)}")
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.dumps({"error": "Invalid username or password."}).encode()
+                self.send_response(server.write_status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def _answer(self, body: bool) -> None:
                 path = unquote(urlparse(self.path).path)
@@ -83,3 +96,10 @@ class HubServer:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def closed_port_url() -> str:
+    """`http://127.0.0.1:PORT` where nothing listens (a port the OS just handed out and took back)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
+import os
 import pickle
+import re
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from leank_hf import LeanKMasks
-from leank_hf.cli import main
+import leank_hf
+from leank_hf import SUPPORTED_MODEL_TYPES, LeanKMasks
+from leank_hf.cli import build_parser, main
+from leank_hf.training import LeanKMaskCallback
+from leank_hf.training.recipe import train_masks
 
 from .conftest import tiny_llama
+from .hub_server import closed_port_url
 from .test_hub import RecordingApi
 from .test_masks import aligned_mask
 
@@ -58,15 +71,71 @@ def test_convert_refuses_arbitrary_pickles_and_bad_alignment(tmp_path, capsys):
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"channel_mask": Payload()}))
     assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()
-    assert "refusing to unpickle" in captured.err and "this must never run" not in captured.out
+    assert "does not unpickle those" in captured.err and "this must never run" not in captured.out
+    assert "weights_only=False" not in captured.err, "never advise loading it unsafely"
+    assert "torch.save(mask.bool()" in captured.err and "safetensors" in captured.err
     save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
     assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "32"]) == 2
     assert "not a multiple of the alignment 32" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
+def fail(*args, **kwargs):
+    raise OSError("No space left on device")
+
+
+def test_convert_leaves_no_partial_repo(tmp_path, monkeypatch, capsys):
+    save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
+    monkeypatch.setattr("leank_hf.card.plot_masks", fail)  # after the masks and config are written
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"], "no repo, no staging folder left"
+
+    # Once all is written, the files move in with the config last: it holds the checksum of the masks beside it.
+    monkeypatch.undo()
+    moves, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: moves.append(Path(dst)) or replace(src, dst))
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]) == 0
+    moved = [path.name for path in moves if path.parent == tmp_path / "out"]
+    assert sorted(moved) == sorted(p.name for p in (tmp_path / "out").iterdir()) and moved[-1] == "leank_config.json"
+
+
+ROWS = [
+    {"method": "full cache", "keep_ratio": 1.0, "kl": 0.0, "top1": 1.0, "retrieval": 1.0, "full_cache_solved": "2/2"},
+    {"method": "learned", "keep_ratio": 0.5, "kl": 0.01, "top1": 0.9, "retrieval": 0.5},
+]
+
+
+@pytest.mark.parametrize("failing", [None, "leank_hf.eval.plot_accuracy", "leank_hf.card.render_card"])
+def test_eval_writes_its_outputs_and_the_record_all_or_nothing(failing, tmp_path, monkeypatch, capsys):
+    """A failure while writing (the plot, the record's card) leaves --out empty and --record-in as it was."""
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    monkeypatch.setattr("leank_hf.eval.standard_methods", lambda *args, **kwargs: {})
+    monkeypatch.setattr("leank_hf.eval.evaluate", lambda *args, **kwargs: ROWS)
+    record = tmp_path / "record"
+    LeanKMasks(torch.arange(32).expand(2, 3, 32) < 16).save_pretrained(record)
+    before = {p.name: p.read_bytes() for p in record.iterdir()}
+    if failing:
+        monkeypatch.setattr(failing, fail)
+    argv = ["eval", "--out", str(tmp_path / "eval"), "--keep-ratios", "0.5", "--record-in", str(record)]
+    assert main(argv) == (2 if failing else 0)
+    capsys.readouterr()
+    after = {p.name: p.read_bytes() for p in record.iterdir()}
+    if failing:
+        assert not (tmp_path / "eval").exists() and after == before
+    else:
+        assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+            "accuracy_vs_keep_ratio.png", "eval.json", "eval.md"
+        ]  # fmt: skip
+        recorded = LeanKMasks.from_pretrained(record)
+        assert [row["method"] for row in recorded.evaluation] == ["full cache", "learned"]
+        assert "| learned | 0.5 |" in after["README.md"].decode() and recorded.keep_ratio == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["record"] if failing else ["eval", "record"]), "no staging"
+
+
 def test_push(monkeypatch, tmp_path, capsys):
     LeanKMasks(aligned_mask()).save_pretrained(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     api = RecordingApi()
     monkeypatch.setattr("leank_hf.hub.HfApi", lambda token=None: api)
     assert main(["push", str(tmp_path), "me/masks", "--private", "--create-pr", "--commit-message", "hi"]) == 0
@@ -76,9 +145,108 @@ def test_push(monkeypatch, tmp_path, capsys):
     assert api.calls[1][1]["create_pr"] is True and api.calls[1][1]["commit_message"] == "hi"
 
 
+def test_push_without_a_token_or_the_hub_ends_in_one_error_line(tmp_path):
+    """As a user runs it (huggingface_hub reads HF_ENDPOINT and HF_HOME at import): no token anywhere, then a token
+    but nothing listening at HF_ENDPOINT. Each ends in `leank-hf push: error:` naming the fix, not a traceback."""
+    LeanKMasks(aligned_mask()).save_pretrained(tmp_path / "repo")
+    unset = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_ENDPOINT=closed_port_url())
+    for extra, fix in (({}, "log in with `hf auth login`, set HF_TOKEN"), ({"HF_TOKEN": "hf_test"}, "HF_ENDPOINT")):
+        result = subprocess.run(
+            [sys.executable, "-m", "leank_hf.cli", "push", str(tmp_path / "repo"), "me/masks"],
+            env={**env, **extra}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("leank-hf push: error: ")]
+        assert len(errors) == 1 and fix in errors[0], result.stderr
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices
+
+
+@pytest.mark.parametrize("name", ["inspect", "convert", "push", "generate", "train", "eval"])
+def test_help_explains_every_argument_and_shows_its_default(name, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    command = subcommands()[name]
+    text = command.format_help()
+    options = {block.split()[0].rstrip(","): " ".join(block.split()) for block in re.split(r"\n  (?=-)", text)}
+    for action in command._actions:
+        assert action.help, f"leank-hf {name}: {action.dest} has no help text"
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            assert f"(default: {action.default})" in options[action.option_strings[0]], options[
+                action.option_strings[0]
+            ]
+
+
+def test_stage2_learning_rate_defaults_to_the_measured_best():
+    """0.002, not the paper's 0.01, which made SmolLM2's masks worse than stage 1 alone (BENCHMARKS.md section 4)."""
+    assert build_parser().parse_args(["train", "--out", "run"]).stage2_lr == 0.002
+    assert inspect.signature(train_masks).parameters["stage2_learning_rate"].default == 0.002
+    assert LeanKMaskCallback().stage2_learning_rate == 0.002
+    assert "paper: 0.01" in subcommands()["train"].format_help()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"leank-hf {leank_hf.__version__}\n"
+
+
 def test_errors_exit_2_with_a_message(capsys):
     assert main(["inspect", "./no/such/dir"]) == 2
     assert "no LeanK mask directory" in capsys.readouterr().err
+
+
+def run(argv: list[str]) -> int:
+    """`main`'s exit code, also where argparse refuses an argument (it exits)."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--masks", "{tmp}/nonexistent", "--prompt-file", "{prompt}"], "no LeanK mask directory"),
+        (["generate", "--masks", "nonexistent", "--prompt-file", "{prompt}"], "nor in the local Hub cache"),
+        (["generate", "--masks", "smollm2-135m-instruct", "--prompt-file", "{tmp}/missing.txt"], "no such file"),
+        (["generate", "--masks", "smollm2-135m-instruct", "--prompt-file", "{prompt}", "--model", "{tmp}/none"],
+         "no model directory"),
+        (["train", "--out", "{tmp}/run", "--resume"], "no checkpoint-N folder"),
+        (["train", "--out", "{tmp}/run", "--keep-ratio", "1.5"], "must be in (0, 1]"),
+        (["train", "--out", "{tmp}/run", "--lengths", "900", "100"], "MIN <= MAX"),
+        (["train", "--out", "{tmp}/run", "--stage2-lr", "nan"], "must be > 0"),
+        (["eval", "--out", "{tmp}/eval", "--masks", "{tmp}/nonexistent"], "no LeanK mask directory"),
+        (["eval", "--out", "{tmp}/eval", "--record-in", "smollm2-135m-instruct"], "no such directory"),
+        (["eval", "--out", "{tmp}/eval", "--record-in", "{repo}", "--keep-ratios", "0.3"], "add 0.50 to them"),
+    ],
+)  # fmt: skip
+def test_inputs_are_checked_before_a_model_loads(argv, message, tmp_path, monkeypatch, capsys):
+    """Bad files, mask repos, model paths and numbers fail at once, with the model loader never called."""
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda args: pytest.fail("loaded a model before checking inputs"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the Hub lookup stays on this machine
+    (tmp_path / "prompt.txt").write_text("Hello")
+    half = torch.arange(32).expand(2, 3, 32) < 16
+    LeanKMasks(half).save_pretrained(tmp_path / "repo")
+    argv = [a.format(tmp=tmp_path, prompt=tmp_path / "prompt.txt", repo=tmp_path / "repo") for a in argv]
+    start = time.perf_counter()
+    assert run(argv) == 2
+    assert time.perf_counter() - start < 1.0
+    err = capsys.readouterr().err
+    assert f"leank-hf {argv[0]}: error: " in err and message in err, err
+
+
+def test_convert_refuses_unsupported_model_types_up_front(tmp_path, capsys):
+    save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
+    assert run(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--model-type", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'gpt2'" in err and all(f"'{name}'" in err for name in SUPPORTED_MODEL_TYPES)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -143,6 +311,45 @@ def test_train_then_resume_then_eval(tiny_model_dir, tmp_path, capsys):
     recorded = LeanKMasks.from_pretrained(record)
     assert [row["method"] for row in recorded.evaluation] == ["full cache", "learned", "calibration", "think", "random"]
     assert "| learned | 0.5 |" in (record / "README.md").read_text()
+
+
+def test_a_diverged_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("LeanK mask learning: the loss became NaN or infinite in optimizer step 3. Lower ...")
+
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    monkeypatch.setattr("leank_hf.training.recipe.train_masks", diverge)
+    assert main(["train", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("leank-hf train: error: LeanK mask learning: the loss became NaN")
+
+
+def test_train_records_the_hub_id_a_gguf_file_names(tmp_path, monkeypatch):
+    """A local GGUF naming its source repo (general.source.repo_url) gives the masks' base_model; --base-model wins."""
+    writer = gguf.GGUFWriter(tmp_path / "model.gguf", arch="llama")
+    writer.add_string("general.source.repo_url", "https://huggingface.co/org/source")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    recorded = []
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    trained = LeanKMasks(aligned_mask())
+    monkeypatch.setattr("leank_hf.training.recipe.train_masks",
+                        lambda *a, **kw: recorded.append(kw["base_model"]) or trained)  # fmt: skip
+    common = ["train", "--model", str(tmp_path), "--gguf-file", "model.gguf", "--out", str(tmp_path / "run")]
+    for extra in ([], ["--base-model", "org/explicit"]):
+        assert main([*common, *extra]) == 0
+    assert recorded == ["org/source", "org/explicit"]
+
+
+def test_train_on_a_model_folder_records_no_path_as_base_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--out", str(out), "--keep-ratio", "0.5", "--sink", "4",
+                 "--recent", "16", "--lengths", "100", "140", "--examples", "2", "--stage1-steps", "1",
+                 "--stage2-steps", "1", "--save-steps", "2"]) == 0  # fmt: skip
+    assert LeanKMasks.from_pretrained(out / "leank_masks").base_model is None
+    card = (out / "leank_masks" / "README.md").read_text()
+    assert str(tiny_model_dir) not in card and "huggingface.co//" not in card
 
 
 def test_train_errors_are_reported(tiny_model_dir, tmp_path, capsys):

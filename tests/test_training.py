@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from leank_hf import LeanKCache, LeanKMasks, select_channels
 from leank_hf.compat import cache_kwargs
@@ -207,6 +208,16 @@ def test_export_is_exact_aligned_binarisation_and_skips_sliding_layers():
     LeanKCache(masks, model)
 
 
+def test_a_model_from_a_local_folder_records_no_base_model(tmp_path):
+    """Its `name_or_path` is the folder, which is no Hub id; a Hub id or an explicit base_model is recorded."""
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    assert prepare_for_mask_learning(model).export_masks(keep_ratio=0.5).base_model is None
+    model.config._name_or_path = "org/tiny"  # as after from_pretrained("org/tiny")
+    assert prepare_for_mask_learning(model).base_model == "org/tiny"
+    assert prepare_for_mask_learning(model, base_model="org/base").base_model == "org/base"
+
+
 def test_checkpoints_hold_only_the_scales():
     learner = prepare_for_mask_learning(tiny_model("llama"))
     state = learner.state_dict()
@@ -249,7 +260,7 @@ class Recorder(TrainerCallback):
 
 
 def train_tiny(tokenizer, output_dir, *, max_steps=8, stage1=4, save_steps=100, resume=None, callbacks=(),
-               schedule="constant", learning_rate=0.2):  # fmt: skip
+               schedule="constant", learning_rate=0.2, keep_ratio=0.5):  # fmt: skip
     model = tiny_llama(len(tokenizer))
     learner = prepare_for_mask_learning(model, sink=SINK, recent=16)
     data = make_retrieval_dataset(tokenizer, lengths=(100, 160), n=16, facts=(1, 2))
@@ -258,7 +269,7 @@ def train_tiny(tokenizer, output_dir, *, max_steps=8, stage1=4, save_steps=100, 
         lr_scheduler_type=schedule, logging_steps=2, save_steps=save_steps, report_to="none", seed=0, use_cpu=True,
         disable_tqdm=True,
     )  # fmt: skip
-    callback = LeanKMaskCallback(keep_ratio=0.5, align=16, stage1_steps=stage1, stage2_steps=max_steps - stage1,
+    callback = LeanKMaskCallback(keep_ratio=keep_ratio, align=16, stage1_steps=stage1, stage2_steps=max_steps - stage1,
                                  l1_weight=0.5, stage2_learning_rate=0.05)  # fmt: skip
     trainer = Trainer(model=learner, args=args, train_dataset=data, data_collator=DataCollatorForSeq2Seq(tokenizer),
                       callbacks=[callback, *callbacks])  # fmt: skip
@@ -301,6 +312,64 @@ def test_resume_continues_without_losing_a_step(smollm2_tokenizer, tmp_path, che
     )
     assert trainer.state.global_step == 8
     assert torch.equal(resumed.channel_scales, straight.channel_scales)
+
+
+class StopAfter(TrainerCallback):
+    """Ends training after `step` optimizer steps, as an interrupted run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+class Poison(TrainerCallback):
+    """Puts a NaN into optimizer step `step`: into a scale before its forward (so the loss is NaN), or into a gradient
+    before the optimizer steps (so the loss was finite but a scale turns NaN)."""
+
+    def __init__(self, step: int, where: str) -> None:
+        self.step, self.where = step, where
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.where == "loss" and state.global_step + 1 == self.step:
+            with torch.no_grad():
+                model.channel_scales[0, 0, 0] = float("nan")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.where == "scales" and state.global_step + 1 == self.step:
+            model.channel_scales.grad[0, 0, 0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [("loss", "the loss became NaN or infinite in optimizer step 3"),
+     ("scales", "1 of the 128 channel scales are NaN or infinite in optimizer step 3")],
+)  # fmt: skip
+def test_divergence_stops_training_at_its_step(smollm2_tokenizer, tmp_path, where, message):
+    """Without the check, the clamp keeps NaN, Trainer logs the NaN loss as a finite mean and the run exports
+    arbitrary masks."""
+    with pytest.raises(FloatingPointError, match=rf"{message}\. Training diverged: lower the learning rate"):
+        train_tiny(smollm2_tokenizer, tmp_path, save_steps=2, callbacks=[Poison(3, where)])
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-4").exists()
+    assert not (tmp_path / "leank_masks").exists(), "no masks exported from a diverged run"
+
+
+def test_resuming_from_nan_scales_is_refused(smollm2_tokenizer, tmp_path):
+    train_tiny(smollm2_tokenizer, tmp_path, save_steps=2, callbacks=[StopAfter(2)])
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    state = load_file(weights)
+    state["channel_scales"][1, 0, :3] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(FloatingPointError, match=r"3 of the 128 channel scales .* when training starts at step 2\. "
+                                                 r"Resume from an earlier checkpoint"):  # fmt: skip
+        train_tiny(smollm2_tokenizer, tmp_path, resume=str(tmp_path / "checkpoint-2"))
+
+
+def test_a_keep_ratio_that_keeps_no_channel_is_refused(smollm2_tokenizer, tmp_path):
+    # 0.01 of the tiny model's 128 prunable channels is 1.28 channels: no group of 16.
+    with pytest.raises(ValueError, match=r"keep_ratio 0.01 .* smallest ratio that keeps one group is 0.125"):
+        train_tiny(smollm2_tokenizer, tmp_path, keep_ratio=0.01)
 
 
 def test_callback_names_schedule_and_model_mistakes(smollm2_tokenizer, tmp_path):

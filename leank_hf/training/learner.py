@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from transformers.utils import ModelOutput
 
 from ..architectures import ModelSpec
 from ..compat import cache_kwargs
+from ..hub import as_hub_id
 from ..masks import LeanKMasks, validate_windows
 from ..selection import select_channels
 from . import student_attention
@@ -72,8 +74,10 @@ class MaskLearner(nn.Module):
         self.spec = ModelSpec.from_model(model)
         self.model = model.requires_grad_(False).eval()
         self.sink, self.recent = sink, recent
-        # The Hub id the masks are for; a model loaded from a local folder only knows that folder.
-        self.base_model = base_model or getattr(model.config, "_name_or_path", None) or None
+        # The Hub id the masks are for. A model loaded from a local folder only knows that folder, which is no Hub id
+        # even where it is shaped like one.
+        name = getattr(model.config, "_name_or_path", None)
+        self.base_model = base_model or (None if not name or os.path.exists(name) else as_hub_id(name))
         self.layers = self.spec.leank_layers
         self._row = {layer: row for row, layer in enumerate(self.layers)}
         device = model.device
@@ -189,6 +193,10 @@ class MaskLearner(nn.Module):
         with torch.no_grad():
             self.channel_scales.clamp_(0.0, 1.0)
 
+    def terms_are_finite(self) -> bool:
+        """Whether every loss term of the training forwards since the last `pop_terms` is finite."""
+        return not self._terms or bool(torch.isfinite(torch.stack(self._terms)).all())
+
     def pop_terms(self) -> dict[str, float]:
         """Mean loss terms of the training forwards since the last call (for logging)."""
         if not self._terms:
@@ -207,7 +215,8 @@ def prepare_for_mask_learning(
         model: a supported causal LM (`leank_hf.SUPPORTED_MODEL_TYPES`); its weights stay frozen.
         sink: leading tokens that keep full keys (the masks are learned for, and saved with, this sink).
         recent: latest tokens that keep full keys.
-        base_model: Hub id recorded in the exported masks (default: the model's `name_or_path`).
+        base_model: Hub id recorded in the exported masks (default: the model's `name_or_path` if it is a Hub id,
+            as after `from_pretrained("org/name")`; a local folder is recorded as unknown, None).
     """
     return MaskLearner(model, sink=sink, recent=recent, base_model=base_model)
 

@@ -9,7 +9,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from ..masks import LeanKMasks
-from .callback import LeanKMaskCallback
+from .callback import STAGE2_LEARNING_RATE, LeanKMaskCallback
 from .data import make_retrieval_dataset
 from .learner import prepare_for_mask_learning
 
@@ -31,7 +31,7 @@ def train_masks(
     stage1_steps: int = 2000,
     stage2_steps: int = 200,
     learning_rate: float = 0.02,
-    stage2_learning_rate: float = 0.01,
+    stage2_learning_rate: float = STAGE2_LEARNING_RATE,
     l1_weight: float = 0.06,
     batch_size: int = 1,
     gradient_accumulation_steps: int = 1,
@@ -45,8 +45,10 @@ def train_masks(
 
     Checkpoints (each with a loadable mask repo in `leank_masks/`) go to `output_dir/checkpoint-N`, the final mask
     repo to `output_dir/leank_masks`. `resume=True` continues from the newest checkpoint in `output_dir`.
-    `base_model` is the Hub id recorded in the masks (default: the model's `name_or_path`).
-    The learning rate is constant within each stage (paper: 0.02, then 0.01).
+    `base_model` is the Hub id recorded in the masks (default: the model's `name_or_path` if it is a Hub id, else
+    none).
+    The learning rate is constant within each stage: 0.02, then 0.002 (the paper's stage 2 uses 0.01, which made
+    SmolLM2's masks worse than stage 1 alone; BENCHMARKS.md section 4).
     """
     if tokenizer.pad_token is None:
         # Only the collator pads; MaskLearner reads the attention mask, never the padding token's id.
