@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from importlib import resources
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 from huggingface_hub import ModelCardData
 
 from .hub import as_hub_id
-from .io import atomic_write
+from .io import atomic_write_bytes
 from .memory import estimate_memory
 
 if TYPE_CHECKING:
@@ -97,17 +98,14 @@ def _cell(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def plot_masks(masks: LeanKMasks, path: str | os.PathLike) -> None:
-    """Write a PNG: every kept channel (left) and the kept share per layer and KV head (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def heatmap_png(masks: LeanKMasks) -> bytes:
+    """PNG bytes: every kept channel (left) and the kept share per layer and KV head (right). Drawn on a
+    `matplotlib.figure.Figure` of its own: no pyplot state, and the user's matplotlib backend stays as it is."""
+    from matplotlib.figure import Figure
 
     mask = masks.channel_mask.float()
-    fig, (channels, shares) = plt.subplots(
-        1, 2, figsize=(12, 0.18 * masks.num_layers + 2), gridspec_kw={"width_ratios": [4, 1]}
-    )
+    fig = Figure(figsize=(12, 0.18 * masks.num_layers + 2), layout="tight")
+    channels, shares = fig.subplots(1, 2, gridspec_kw={"width_ratios": [4, 1]})
     channels.imshow(mask.reshape(masks.num_layers, -1).numpy(), aspect="auto", cmap="Greys", interpolation="nearest")
     channels.set(title="kept key channels (black), KV heads side by side", xlabel="KV head x channel", ylabel="layer")
     for head in range(1, masks.num_kv_heads):
@@ -117,6 +115,16 @@ def plot_masks(masks: LeanKMasks, path: str | os.PathLike) -> None:
     fig.colorbar(image, ax=shares)
     model = as_hub_id(masks.base_model) or "unknown model"
     fig.suptitle(f"LeanK masks for {model}: {masks.keep_ratio:.1%} of key channels kept")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    return figure_png(fig, dpi=100)
+
+
+def figure_png(fig, dpi: int) -> bytes:
+    """The PNG bytes of a matplotlib `Figure`."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def plot_masks(masks: LeanKMasks, path: str | os.PathLike) -> None:
+    """Write `heatmap_png` to `path` (atomically)."""
+    atomic_write_bytes(path, heatmap_png(masks))

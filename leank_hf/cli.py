@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import pickle
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
 from .hub import as_hub_id, hub_id_from_url
-from .masks import CONFIG_NAME, LeanKMasks
+from .masks import LeanKMasks
 from .training.callback import STAGE2_LEARNING_RATE
 
 EMBEDDED_MODEL = "smollm2"
@@ -225,8 +223,7 @@ def _convert(args: argparse.Namespace) -> None:
         mask, align=args.align, base_model=args.base_model, model_type=args.model_type, sink=args.sink,
         recent=args.recent, block_size=args.block_size, method=method,
     )  # fmt: skip
-    with staged(args.output) as folder:
-        masks.save_pretrained(folder)
+    masks.save_pretrained(args.output, overwrite_card=True)  # a card of other masks would describe the wrong ones
     print(f"wrote {args.output}: {masks.keep_ratio:.1%} of key channels kept")
 
 
@@ -328,8 +325,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .eval import evaluate, format_table, plot_accuracy, standard_methods
-    from .io import write_json
+    from .eval import accuracy_png, evaluate, format_table, standard_methods
+    from .io import atomic_write_bytes, json_bytes
 
     source = model_source(args)
     learned = [LeanKMasks.from_pretrained(repo) for repo in args.masks]
@@ -349,31 +346,21 @@ def _evaluate(args: argparse.Namespace) -> None:
     )  # fmt: skip
     table = format_table(rows)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
-    # Both folders change only once everything is written: a failure leaves neither half-done.
-    record_stage = staged(args.record_in) if record is not None else contextlib.nullcontext()
-    with staged(args.out) as out, record_stage as record_folder:
-        write_json(out / "eval.json", {"rows": rows, "arguments": arguments})
-        (out / "eval.md").write_text(table + "\n", encoding="utf-8")
-        plot_accuracy(rows, out / "accuracy_vs_keep_ratio.png")
-        if record is not None:
-            kept = [r for r in rows if r["keep_ratio"] in (1.0, round(record.keep_ratio, 2))]
-            record.replace(evaluation=kept).save_pretrained(record_folder)
+    # Everything is rendered before the first write, and the record (which renders its own files first) is saved
+    # before the outputs: a failure leaves --out and --record-in as they were.
+    outputs = {
+        "eval.json": json_bytes({"rows": rows, "arguments": arguments}, "eval.json"),
+        "eval.md": (table + "\n").encode("utf-8"),
+        "accuracy_vs_keep_ratio.png": accuracy_png(rows),
+    }
+    if record is not None:
+        kept = [r for r in rows if r["keep_ratio"] in (1.0, round(record.keep_ratio, 2))]
+        record.replace(evaluation=kept).save_pretrained(args.record_in, overwrite_card=True)
+    for name, data in outputs.items():
+        atomic_write_bytes(args.out / name, data)
     print(table)
     if record is not None:
         print(f"evaluation recorded in {args.record_in}")
-
-
-@contextlib.contextmanager
-def staged(directory: Path) -> Iterator[Path]:
-    """A temporary folder beside `directory` to write into. Its files replace those of the same names in `directory`
-    (created if needed) when the block ends without an error; after an error `directory` is as it was."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.", dir=directory.parent) as staging:
-        yield Path(staging)
-        directory.mkdir(exist_ok=True)
-        # A mask repo's config goes last: it holds the masks file's checksum, so no reader pairs it with old masks.
-        for path in sorted(Path(staging).iterdir(), key=lambda path: path.name == CONFIG_NAME):
-            os.replace(path, directory / path.name)
 
 
 def gguf_source_repo(path: str | os.PathLike) -> str | None:

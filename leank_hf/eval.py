@@ -191,20 +191,26 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """PNG: top-1 agreement, KL and retrieval against keep ratio, one line per method."""
-    import matplotlib
+    """Write `accuracy_png` to `path` (atomically)."""
+    from .io import atomic_write_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    atomic_write_bytes(path, accuracy_png(rows))
 
-    from .io import atomic_write
+
+def accuracy_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    """PNG bytes: top-1 agreement, KL and retrieval against keep ratio, one line per method (on a `Figure` of its
+    own: the user's matplotlib backend and pyplot state stay as they are)."""
+    from matplotlib.figure import Figure
+
+    from .card import figure_png
 
     metrics = [
         ("top1", "top-1 agreement with full cache"),
         ("kl", "KL(full ‖ method)"),
         ("retrieval", "retrieval kept"),
     ]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), constrained_layout=True)
+    figure = Figure(figsize=(5 * len(metrics), 4), layout="constrained")
+    axes = figure.subplots(1, len(metrics))
     methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m != FULL_CACHE]
     for axis, (key, title) in zip(axes, metrics, strict=True):
         for method in methods:
@@ -220,5 +226,4 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> No
         axis.set(xlabel="key channels kept", title=title)
         axis.grid(alpha=0.3)
     axes[0].legend()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-    plt.close(figure)
+    return figure_png(figure, dpi=120)

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import save
 
 from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
-from .card import CARD_NAME, HEATMAP_NAME, plot_masks, render_card
+from .card import CARD_NAME, HEATMAP_NAME, heatmap_png, render_card
 from .io import (
     atomic_write_bytes,
     directory_lock,
@@ -319,7 +318,7 @@ class LeanKMasks:
         sha = _sha256(masks_bytes)
         config_bytes = json_bytes({**self.to_config_dict(), "masks_sha256": sha}, CONFIG_NAME)
         card_bytes = render_card(self, repo_id).encode("utf-8")
-        heatmap_bytes = _heatmap_png(self)
+        heatmap_bytes = heatmap_png(self)
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         pending = directory / _PENDING_MASKS.format(sha)
@@ -415,14 +414,6 @@ def validate_windows(sink: int, recent: int, block_size: int) -> None:
             raise ValueError(
                 f"{name} must be an integer from {low} to {MAX_WINDOW_TOKENS} (MAX_WINDOW_TOKENS), got {value!r}"
             )
-
-
-def _heatmap_png(masks: LeanKMasks) -> bytes:
-    """The heatmap as PNG bytes, drawn in a temporary folder outside the repo (`plot_masks` writes to a path)."""
-    with tempfile.TemporaryDirectory(prefix="leank-heatmap-") as folder:
-        path = Path(folder) / HEATMAP_NAME
-        plot_masks(masks, path)
-        return path.read_bytes()
 
 
 def _remove_stale_files(directory: Path) -> None:

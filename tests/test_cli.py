@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import gguf
 import pytest
@@ -85,19 +84,20 @@ def fail(*args, **kwargs):
 
 
 def test_convert_leaves_no_partial_repo(tmp_path, monkeypatch, capsys):
+    """A failure while rendering (here the heatmap) writes nothing; over an existing repo, the old one stays whole
+    (save_pretrained's own crash safety: test_repo_files)."""
     save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
-    monkeypatch.setattr("leank_hf.card.plot_masks", fail)  # after the masks and config are written
-    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]) == 2
+    argv = ["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]
+    monkeypatch.setattr("leank_hf.masks.heatmap_png", fail)
+    assert main(argv) == 2
     assert "No space left on device" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"], "no repo, no staging folder left"
-
-    # Once all is written, the files move in with the config last: it holds the checksum of the masks beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"], "no repo, no temporary file left"
     monkeypatch.undo()
-    moves, replace = [], os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: moves.append(Path(dst)) or replace(src, dst))
-    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]) == 0
-    moved = [path.name for path in moves if path.parent == tmp_path / "out"]
-    assert sorted(moved) == sorted(p.name for p in (tmp_path / "out").iterdir()) and moved[-1] == "leank_config.json"
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr("leank_hf.masks.heatmap_png", fail)
+    assert main([*argv, "--sink", "32"]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 ROWS = [
@@ -106,7 +106,7 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("failing", [None, "leank_hf.eval.plot_accuracy", "leank_hf.card.render_card"])
+@pytest.mark.parametrize("failing", [None, "leank_hf.eval.accuracy_png", "leank_hf.masks.render_card"])
 def test_eval_writes_its_outputs_and_the_record_all_or_nothing(failing, tmp_path, monkeypatch, capsys):
     """A failure while writing (the plot, the record's card) leaves --out empty and --record-in as it was."""
     monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
@@ -130,7 +130,7 @@ def test_eval_writes_its_outputs_and_the_record_all_or_nothing(failing, tmp_path
         recorded = LeanKMasks.from_pretrained(record)
         assert [row["method"] for row in recorded.evaluation] == ["full cache", "learned"]
         assert "| learned | 0.5 |" in after["README.md"].decode() and recorded.keep_ratio == 0.5
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["record"] if failing else ["eval", "record"]), "no staging"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["record"] if failing else ["eval", "record"])
 
 
 def test_push(monkeypatch, tmp_path, capsys):

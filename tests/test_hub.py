@@ -263,3 +263,21 @@ def test_hub_ids_are_read_only_from_hub_model_urls():
 def test_shipped_cards_are_rendered():
     card = (ROOT / "hub_cards" / "zoo" / "llama-3.1-8b-instruct" / "README.md").read_text()
     assert "base_model: meta-llama/Llama-3.1-8B-Instruct" in card and "47 of 256" in card and "68.1%" in card
+
+
+def test_drawing_cards_and_plots_leaves_the_users_matplotlib_alone(tmp_path):
+    """The heatmap and the accuracy plot are drawn on figures of their own: the backend a user chose stays chosen
+    (save_pretrained switched every process to Agg before), and pyplot keeps no figure of ours."""
+    script = (
+        "import matplotlib, torch\n"
+        "from leank_hf import LeanKMasks\n"
+        "from leank_hf.eval import accuracy_png\n"
+        "LeanKMasks(torch.arange(32).expand(2, 3, 32) < 16).save_pretrained(r'%s')\n"
+        "accuracy_png([{'method': 'learned', 'keep_ratio': 0.5, 'kl': 0.1, 'top1': 0.9, 'retrieval': None}])\n"
+        "import matplotlib.pyplot as plt\n"
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n" % tmp_path
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["svg", "0"]
+    assert (tmp_path / "mask_heatmap.png").read_bytes().startswith(b"\x89PNG")
