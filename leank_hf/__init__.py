@@ -7,6 +7,7 @@ from .hub import zoo_names
 from .masks import LeanKMasks
 from .memory import LayerMemory, MemoryReport
 from .selection import select_channels
+from .windows import WindowConfig
 
 __version__ = "0.1.0.dev0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "LeanKMasks",
     "MemoryReport",
     "ModelSpec",
+    "WindowConfig",
     "register",
     "select_channels",
     "zoo_names",

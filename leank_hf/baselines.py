@@ -12,7 +12,7 @@ import torch
 from .architectures import ModelSpec
 from .attention import observing
 from .masks import LeanKMasks
-from .selection import select_channels
+from .selection import DEFAULT_ALIGN, select_channels
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -52,7 +52,7 @@ def think_masks(
     return LeanKMasks(mask, align=1, layer_types=spec.layer_types, model_type=spec.model_type, method=method, **config)
 
 
-def random_masks(spec: ModelSpec, keep_ratio: float, align: int = 16, seed: int = 0, **config) -> LeanKMasks:
+def random_masks(spec: ModelSpec, keep_ratio: float, align: int = DEFAULT_ALIGN, seed: int = 0, **config) -> LeanKMasks:
     """Channels kept at random (global selection on random scores, counts aligned like learned masks)."""
     generator = torch.Generator().manual_seed(seed)
     scores = torch.rand(spec.num_layers, spec.num_kv_heads, spec.head_dim, generator=generator)

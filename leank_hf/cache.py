@@ -13,9 +13,10 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticLay
 from . import attention
 from .architectures import LEANK_LAYER_TYPE, ModelSpec, warn_if_nothing_is_pruned
 from .cache_layer import LeanKLayer
-from .masks import LeanKMasks, validate_windows
+from .masks import LeanKMasks
 from .memory import LayerMemory, MemoryReport, held_bytes
 from .static_layer import StaticLeanKLayer
+from .windows import WindowConfig
 
 
 class LeanKCache(Cache):
@@ -62,7 +63,7 @@ class LeanKCache(Cache):
         sink = masks.sink if sink is None else sink
         recent = masks.recent if recent is None else recent
         block_size = masks.block_size if block_size is None else block_size
-        validate_windows(sink, recent, block_size)
+        WindowConfig(sink, recent, block_size)  # refuses windows out of range
         _check_windows_fit(model, sink, recent, block_size)
         if max_cache_len is not None and (
             isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1

@@ -28,6 +28,8 @@ from .io import (
     safetensors_from_bytes,
     temp_glob,
 )
+from .selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
+from .windows import DEFAULT_WINDOWS, WindowConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,10 +40,6 @@ FORMAT_VERSION = 1
 _MASK_TENSOR = "channel_mask"
 # Where a save puts the new masks until the config naming their SHA-256 is in place (see save_pretrained).
 _PENDING_MASKS = ".leank_masks.{}.safetensors"
-# Upper bound of each window setting (sink, recent, block_size), in tokens. Real settings are tens to thousands (the
-# paper: 64 and 256); the bound turns a corrupt value such as sink=2**70 into a clear error here instead of an
-# OverflowError deep in the cache.
-MAX_WINDOW_TOKENS = 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,9 +53,10 @@ class LeanKMasks:
     Args:
         channel_mask: `[layers, kv_heads, head_dim]` bool (or 0/1 integer) tensor, True = keep. The channel index
             is that of transformers' `rotate_half` layout after RoPE (channel `i` pairs with `i + head_dim/2`).
-        sink: leading tokens per sequence that keep full keys (paper: 64).
-        recent: latest tokens per sequence that keep full keys (paper's training setting: 256).
-        block_size: tokens moved from the recent window to the pruned store at a time.
+        sink: leading tokens per sequence that keep full keys.
+        recent: latest tokens per sequence that keep full keys.
+        block_size: tokens moved from the recent window to the pruned store at a time. (The defaults of the three,
+            and why: `WindowConfig`.)
         align: every head keeps a multiple of this many channels (the decode kernel reads channel tiles of it).
         layer_types: per layer, transformers' layer type; only ``"full_attention"`` layers are pruned, others
             (e.g. Gemma3's sliding layers) keep their own cache and must keep every channel. `None` = all full.
@@ -69,10 +68,10 @@ class LeanKMasks:
     """
 
     channel_mask: torch.Tensor
-    sink: int = 64
-    recent: int = 256
-    block_size: int = 64
-    align: int = 16
+    sink: int = DEFAULT_WINDOWS.sink
+    recent: int = DEFAULT_WINDOWS.recent
+    block_size: int = DEFAULT_WINDOWS.block_size
+    align: int = DEFAULT_ALIGN
     layer_types: tuple[str, ...] | None = None
     model_type: str | None = None
     base_model: str | None = None
@@ -98,7 +97,7 @@ class LeanKMasks:
         if not isinstance(evaluation, (list, tuple)) or not all(isinstance(row, Mapping) for row in evaluation):
             raise ValueError(f"evaluation must be a list of dicts (table rows), got {evaluation!r:.80}")
         object.__setattr__(self, "evaluation", tuple(dict(row) for row in evaluation))
-        validate_windows(self.sink, self.recent, self.block_size)
+        WindowConfig(self.sink, self.recent, self.block_size)  # refuses windows out of range
         self._validate_alignment()
         self._validate_layer_types()
 
@@ -239,8 +238,8 @@ class LeanKMasks:
         cls,
         model: PreTrainedModel,
         input_ids: torch.Tensor | list[str],
-        keep_ratio: float = 0.3,
-        align: int = 16,
+        keep_ratio: float = DEFAULT_KEEP_RATIO,
+        align: int = DEFAULT_ALIGN,
         *,
         tokenizer: PreTrainedTokenizerBase | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -405,15 +404,6 @@ def _as_keep_mask(mask: object) -> torch.Tensor:
             )
         mask = mask != 0
     return mask.detach().cpu().contiguous()
-
-
-def validate_windows(sink: int, recent: int, block_size: int) -> None:
-    """Raise a clear error for window settings out of range (the cache, the trainer and mask repos use these)."""
-    for name, value, low in (("sink", sink, 0), ("recent", recent, 0), ("block_size", block_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_WINDOW_TOKENS:
-            raise ValueError(
-                f"{name} must be an integer from {low} to {MAX_WINDOW_TOKENS} (MAX_WINDOW_TOKENS), got {value!r}"
-            )
 
 
 def _remove_stale_files(directory: Path) -> None:

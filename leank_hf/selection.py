@@ -10,6 +10,12 @@ import warnings
 
 import torch
 
+# The paper's share of key channels kept: 30 % (the shipped SmolLM2 masks keep 29 of 29 retrieval tasks at it).
+DEFAULT_KEEP_RATIO = 0.3
+# Per-head kept counts are multiples of this: the decode kernel reads channel tiles of it, and 16 leaves the selection
+# more freedom than the paper's 32 while keeping every tile full.
+DEFAULT_ALIGN = 16
+
 
 def select_channels(
     scores: torch.Tensor,

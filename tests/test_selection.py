@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import warnings
 
 import pytest
 import torch
 
-from leank_hf import select_channels
+from leank_hf import LeanKMasks, select_channels
+from leank_hf.baselines import random_masks
+from leank_hf.selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
 
 
 @pytest.mark.parametrize("keep_ratio", [0.0, 0.2, 0.3, 0.5, 0.77, 1.0])
@@ -61,3 +65,14 @@ def test_a_positive_ratio_that_rounds_to_nothing_warns():
 def test_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         select_channels(*args)
+
+
+def test_every_keep_ratio_and_align_default_is_selections():
+    """The paper's keep ratio and the kernel's alignment are written once, in leank_hf.selection: a default written
+    anywhere else that disagrees fails here."""
+    defaults = {"keep_ratio": DEFAULT_KEEP_RATIO, "align": DEFAULT_ALIGN}
+    assert defaults == {"keep_ratio": 0.3, "align": 16}
+    calibration = inspect.signature(LeanKMasks.from_calibration).parameters
+    assert {name: calibration[name].default for name in defaults} == defaults
+    assert {f.name: f.default for f in dataclasses.fields(LeanKMasks)}["align"] == DEFAULT_ALIGN
+    assert inspect.signature(random_masks).parameters["align"].default == DEFAULT_ALIGN

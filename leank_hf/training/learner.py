@@ -14,8 +14,9 @@ from transformers.utils import ModelOutput
 from ..architectures import ModelSpec
 from ..compat import cache_kwargs
 from ..hub import as_hub_id
-from ..masks import LeanKMasks, validate_windows
-from ..selection import select_channels
+from ..masks import LeanKMasks
+from ..selection import DEFAULT_ALIGN, select_channels
+from ..windows import DEFAULT_WINDOWS, WindowConfig
 from . import student_attention
 from .data import IGNORE_INDEX
 from .prompt_cache import PromptCache
@@ -67,10 +68,14 @@ class MaskLearner(nn.Module):
     accepts_loss_kwargs = False
 
     def __init__(
-        self, model: PreTrainedModel, sink: int = 64, recent: int = 256, base_model: str | None = None
+        self,
+        model: PreTrainedModel,
+        sink: int = DEFAULT_WINDOWS.sink,
+        recent: int = DEFAULT_WINDOWS.recent,
+        base_model: str | None = None,
     ) -> None:
         super().__init__()
-        validate_windows(sink, recent, block_size=1)
+        WindowConfig(sink, recent)  # refuses windows out of range
         self.spec = ModelSpec.from_model(model)
         self.model = model.requires_grad_(False).eval()
         self.sink, self.recent = sink, recent
@@ -87,7 +92,7 @@ class MaskLearner(nn.Module):
         self.stage: Stage = "continuous"
         self.l1_weight = 0.0
         self.keep_ratio: float | None = None
-        self.align = 16
+        self.align = DEFAULT_ALIGN
         self.training_record: dict[str, Any] = {}  # how the masks were trained, saved in their `method`
         self._terms: list[torch.Tensor] = []
         self.register_state_dict_post_hook(_drop_model_weights)
@@ -207,7 +212,10 @@ class MaskLearner(nn.Module):
 
 
 def prepare_for_mask_learning(
-    model: PreTrainedModel, sink: int = 64, recent: int = 256, base_model: str | None = None
+    model: PreTrainedModel,
+    sink: int = DEFAULT_WINDOWS.sink,
+    recent: int = DEFAULT_WINDOWS.recent,
+    base_model: str | None = None,
 ) -> MaskLearner:
     """Freeze `model` and wrap it with trainable per-channel key scales (see `MaskLearner`).
 
