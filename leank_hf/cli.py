@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import pickle
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from transformers import HfArgumentParser
 
 from . import __version__
 from .architectures import SUPPORTED_MODEL_TYPES
@@ -18,10 +21,11 @@ from .card import describe_method
 from .compat import cache_kwargs
 from .hub import as_hub_id, hub_id_from_url
 from .masks import LeanKMasks
-from .training.callback import STAGE2_LEARNING_RATE
+from .training.recipe import MaskLearningArguments
 
 EMBEDDED_MODEL = "smollm2"
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+Settings = TypeVar("Settings")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="`leank-hf COMMAND --help` shows its options")  # fmt: skip
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT)
+    def command(name: str, help: str, *dataclass_types: type) -> argparse.ArgumentParser:
+        """A subcommand. `HfArgumentParser` makes the options of `dataclass_types` from their fields, so their defaults
+        and help texts are written once, there; `settings` turns the parsed options back into those dataclasses."""
+        parents = [HfArgumentParser(dataclass_types, add_help=False)] if dataclass_types else []
+        return commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT, parents=parents)
 
     inspect = command("inspect", "summarise a mask repo (local dir, shipped name, or Hub id)")
     inspect.add_argument("repo", help="mask repo: directory, shipped short name, or Hub repo id")
@@ -79,36 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compare", action="store_true", help="also generate with DynamicCache")
     generate.set_defaults(run=_generate)
 
-    train = command("train", "learn masks (two-stage distillation, transformers.Trainer)")
+    train = command("train", "learn masks (two-stage distillation, transformers.Trainer)", MaskLearningArguments)
     _add_model_arguments(train)
     train.add_argument("--out", type=Path, required=True, help="output dir: checkpoints and the final leank_masks/")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    train.add_argument("--keep-ratio", type=RATIO, default=0.3, help="share of key channels the masks keep")
-    train.add_argument("--align", type=POSITIVE_INT, default=16, help="per-head kept counts are multiples of this")
-    train.add_argument("--sink", type=COUNT, default=64, help="leading tokens that keep full keys")
-    train.add_argument("--recent", type=COUNT, default=256, help="latest tokens that keep full keys")
-    train.add_argument("--lengths", type=POSITIVE_INT, nargs=2, default=(1024, 8192), metavar=("MIN", "MAX"),
-                       help="prompt lengths of the retrieval examples, in tokens")  # fmt: skip
-    train.add_argument("--examples", type=POSITIVE_INT, default=2000, help="retrieval examples in the training set")
-    train.add_argument("--stage1-steps", type=COUNT, default=2000, help="steps of continuous scales (paper: 2000)")
-    train.add_argument("--stage2-steps", type=POSITIVE_INT, default=200,
-                       help="steps of binary masks, straight-through (paper: 200)")  # fmt: skip
-    train.add_argument("--lr", type=POSITIVE_FLOAT, default=0.02, help="stage-1 learning rate (paper: 0.02)")
-    train.add_argument("--stage2-lr", type=POSITIVE_FLOAT, default=STAGE2_LEARNING_RATE,
-                       help="stage-2 learning rate (paper: 0.01, which made SmolLM2's masks worse than stage 1 "
-                            "alone; BENCHMARKS.md section 4)")  # fmt: skip
-    train.add_argument("--l1-weight", type=NON_NEGATIVE_FLOAT, default=0.06,
-                       help="stage-1 L1 penalty weight, lambda (paper: 0.06)")  # fmt: skip
-    train.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="examples per device and step")
-    train.add_argument("--gradient-accumulation-steps", type=POSITIVE_INT, default=1,
-                       help="batches per optimizer step")  # fmt: skip
-    train.add_argument("--save-steps", type=POSITIVE_INT, default=200,
-                       help="checkpoint (with its leank_masks/) every this many steps")  # fmt: skip
-    train.add_argument("--logging-steps", type=POSITIVE_INT, default=10, help="log losses every this many steps")
-    train.add_argument("--seed", type=COUNT, default=0, help="seed of the training data and of Trainer")
-    train.add_argument("--base-model", type=hub_id,
-                       help="Hub id recorded in the masks (unset: --model if it is a Hub id, else the repo a local "
-                            "GGUF file names as its source, else none)")  # fmt: skip
     train.set_defaults(run=_train)
 
     evaluate = command("eval", "compare masks with the full cache and with baseline masks")
@@ -298,28 +279,27 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"\n{caches['LeanKCache'].memory_report()}")
 
 
+def settings(cls: type[Settings], args: argparse.Namespace) -> Settings:
+    """The `cls` dataclass from the options `HfArgumentParser` made of its fields (see `build_parser`). Its checks run
+    here, inside `main`, so a bad value ends in a `leank-hf COMMAND: error:` line, before any model is loaded."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def _train(args: argparse.Namespace) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
     from .training.recipe import train_masks
 
+    arguments = settings(MaskLearningArguments, args)
     source = model_source(args)
-    if args.lengths[0] > args.lengths[1]:
-        raise ValueError(f"--lengths MIN MAX needs MIN <= MAX, got {args.lengths[0]} {args.lengths[1]}")
     if args.resume and not (args.out.is_dir() and get_last_checkpoint(str(args.out))):
         raise ValueError(f"--resume: no checkpoint-N folder in {args.out} to resume from; drop --resume to start anew")
     folder, gguf_file = source
     local_gguf = Path(folder, gguf_file) if gguf_file and Path(folder).is_dir() else None
-    base_model = args.base_model or (gguf_source_repo(local_gguf) if local_gguf else None)
+    if arguments.base_model is None and local_gguf:
+        arguments = dataclasses.replace(arguments, base_model=gguf_source_repo(local_gguf))
     model, tokenizer = load_model(source, args.dtype)
-    masks = train_masks(
-        model, tokenizer, args.out, keep_ratio=args.keep_ratio, align=args.align, sink=args.sink, recent=args.recent,
-        lengths=tuple(args.lengths), examples=args.examples, stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps, learning_rate=args.lr, stage2_learning_rate=args.stage2_lr,
-        l1_weight=args.l1_weight, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, seed=args.seed, resume=args.resume, base_model=base_model,
-    )  # fmt: skip
+    masks = train_masks(model, tokenizer, args.out, arguments, resume=args.resume)
     print(f"masks written to {args.out / 'leank_masks'}: {masks.keep_ratio:.1%} of key channels kept, "
           f"{int((masks.kept_counts == 0).sum())} KV heads fully pruned")  # fmt: skip
 
@@ -413,8 +393,6 @@ def _in_range(convert: Callable[[str], float], low: float, high: float | None = 
 
 POSITIVE_INT = _in_range(int, 0, low_open=True)
 COUNT = _in_range(int, 0)
-POSITIVE_FLOAT = _in_range(float, 0, low_open=True)
-NON_NEGATIVE_FLOAT = _in_range(float, 0)
 RATIO = _in_range(float, 0, 1, low_open=True)
 
 

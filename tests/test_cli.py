@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import json
 import os
 import pickle
@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 import leank_hf
 from leank_hf import SUPPORTED_MODEL_TYPES, LeanKMasks
-from leank_hf.cli import build_parser, main
+from leank_hf.cli import build_parser, main, settings
 from leank_hf.training import LeanKMaskCallback
-from leank_hf.training.recipe import train_masks
+from leank_hf.training.recipe import MaskLearningArguments
 
 from .conftest import tiny_llama
 from .hub_server import closed_port_url
@@ -182,10 +182,49 @@ def test_help_explains_every_argument_and_shows_its_default(name, monkeypatch):
             ]
 
 
+SETTINGS = [("train", MaskLearningArguments)]
+
+
+def field_default(field: dataclasses.Field) -> object:
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+@pytest.mark.parametrize(("name", "settings_class"), SETTINGS)
+def test_options_take_their_defaults_from_the_settings_dataclasses(name, settings_class, tmp_path):
+    """A command's defaults are its dataclasses' field defaults, not ones written again for argparse."""
+    required = {"train": ["--out", "run"], "eval": ["--out", "eval"], "convert": [__file__, str(tmp_path)]}
+    args = build_parser().parse_args([name, *required[name]])
+    for field in dataclasses.fields(settings_class):
+        assert getattr(args, field.name) == field_default(field), field.name
+    assert settings(settings_class, args) == settings_class()
+
+
+@pytest.mark.parametrize(("name", "settings_class"), SETTINGS)
+def test_help_shows_each_fields_help_text_and_default(name, settings_class, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    text = subcommands()[name].format_help()
+    blocks = [" ".join(block.split()) for block in re.split(r"\n  (?=-)", text)]
+    for field in dataclasses.fields(settings_class):
+        (block,) = [b for b in blocks if b.startswith(f"--{field.name} ")]
+        assert f"{field.metadata['help']} (default: {field_default(field)})" in block, block
+
+
+def test_train_keeps_the_flag_names_users_know():
+    argv = ["train", "--out", "run", "--keep-ratio", "0.5", "--align", "32", "--sink", "4", "--recent", "16",
+            "--lengths", "100", "200", "--examples", "9", "--stage1-steps", "3", "--stage2-steps", "4", "--lr", "0.1",
+            "--stage2-lr", "0.001", "--l1-weight", "0.2", "--batch-size", "2", "--gradient-accumulation-steps", "3",
+            "--save-steps", "5", "--logging-steps", "6", "--seed", "7", "--base-model", "org/m"]  # fmt: skip
+    assert settings(MaskLearningArguments, build_parser().parse_args(argv)) == MaskLearningArguments(
+        keep_ratio=0.5, align=32, sink=4, recent=16, lengths=[100, 200], examples=9, stage1_steps=3, stage2_steps=4,
+        learning_rate=0.1, stage2_learning_rate=0.001, l1_weight=0.2, batch_size=2, gradient_accumulation_steps=3,
+        save_steps=5, logging_steps=6, seed=7, base_model="org/m",
+    )  # fmt: skip
+
+
 def test_stage2_learning_rate_defaults_to_the_measured_best():
     """0.002, not the paper's 0.01, which made SmolLM2's masks worse than stage 1 alone (BENCHMARKS.md section 4)."""
-    assert build_parser().parse_args(["train", "--out", "run"]).stage2_lr == 0.002
-    assert inspect.signature(train_masks).parameters["stage2_learning_rate"].default == 0.002
+    assert build_parser().parse_args(["train", "--out", "run"]).stage2_learning_rate == 0.002
+    assert MaskLearningArguments().stage2_learning_rate == 0.002
     assert LeanKMaskCallback().stage2_learning_rate == 0.002
     assert "paper: 0.01" in subcommands()["train"].format_help()
 
@@ -221,6 +260,8 @@ def run(argv: list[str]) -> int:
         (["train", "--out", "{tmp}/run", "--keep-ratio", "1.5"], "must be in (0, 1]"),
         (["train", "--out", "{tmp}/run", "--lengths", "900", "100"], "MIN <= MAX"),
         (["train", "--out", "{tmp}/run", "--stage2-lr", "nan"], "must be > 0"),
+        (["train", "--out", "{tmp}/run", "--lengths", "100", "200", "300"], "two token counts"),
+        (["train", "--out", "{tmp}/run", "--base-model", "not a/hub id"], "is not a Hub repo id"),
         (["eval", "--out", "{tmp}/eval", "--masks", "{tmp}/nonexistent"], "no LeanK mask directory"),
         (["eval", "--out", "{tmp}/eval", "--record-in", "smollm2-135m-instruct"], "no such directory"),
         (["eval", "--out", "{tmp}/eval", "--record-in", "{repo}", "--keep-ratios", "0.3"], "add 0.50 to them"),
@@ -334,8 +375,12 @@ def test_train_records_the_hub_id_a_gguf_file_names(tmp_path, monkeypatch):
     recorded = []
     monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
     trained = LeanKMasks(aligned_mask())
-    monkeypatch.setattr("leank_hf.training.recipe.train_masks",
-                        lambda *a, **kw: recorded.append(kw["base_model"]) or trained)  # fmt: skip
+
+    def train_masks(model, tokenizer, output_dir, arguments, resume):
+        recorded.append(arguments.base_model)
+        return trained
+
+    monkeypatch.setattr("leank_hf.training.recipe.train_masks", train_masks)
     common = ["train", "--model", str(tmp_path), "--gguf-file", "model.gguf", "--out", str(tmp_path / "run")]
     for extra in ([], ["--base-model", "org/explicit"]):
         assert main([*common, *extra]) == 0

@@ -12,6 +12,7 @@ import torch
 from leank_hf import LeanKMasks, select_channels
 from leank_hf.baselines import random_masks
 from leank_hf.selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
+from leank_hf.training import LeanKMaskCallback
 
 
 @pytest.mark.parametrize("keep_ratio", [0.0, 0.2, 0.3, 0.5, 0.77, 1.0])
@@ -74,5 +75,6 @@ def test_every_keep_ratio_and_align_default_is_selections():
     assert defaults == {"keep_ratio": 0.3, "align": 16}
     calibration = inspect.signature(LeanKMasks.from_calibration).parameters
     assert {name: calibration[name].default for name in defaults} == defaults
+    assert {name: getattr(LeanKMaskCallback(), name) for name in defaults} == defaults
     assert {f.name: f.default for f in dataclasses.fields(LeanKMasks)}["align"] == DEFAULT_ALIGN
     assert inspect.signature(random_masks).parameters["align"].default == DEFAULT_ALIGN

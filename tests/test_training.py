@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,6 +19,7 @@ from leank_hf.training import (
     prepare_for_mask_learning,
     student_attention,
 )
+from leank_hf.training.recipe import MaskLearningArguments
 from leank_hf.training.student_attention import masked_answer_attention
 
 from .conftest import FAMILIES, tiny_llama, tiny_model
@@ -386,3 +390,37 @@ def _trainer_running_6_steps_for_8(tokenizer, output_dir) -> Trainer:
     return Trainer(model=prepare_for_mask_learning(tiny_llama(len(tokenizer))), args=args,
                    train_dataset=make_retrieval_dataset(tokenizer, lengths=(100, 120), n=4),
                    callbacks=[LeanKMaskCallback(stage1_steps=4, stage2_steps=4)])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"keep_ratio": 0}, r"keep_ratio must be in \(0, 1\], got 0"),
+        ({"align": 0}, "align must be an integer > 0, got 0"),
+        ({"stage1_steps": -1}, "stage1_steps must be an integer >= 0"),
+        ({"stage2_steps": 0}, "stage2_steps must be an integer > 0"),
+        ({"l1_weight": -0.1}, "l1_weight must be >= 0"),
+        ({"stage2_learning_rate": float("nan")}, "stage2_learning_rate must be > 0, got nan"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"sink": -4}, "sink must be an integer from 0"),
+        ({"lengths": [1024]}, r"lengths must be two token counts, the shortest and longest prompt \(MIN MAX\)"),
+        ({"lengths": [900, 100]}, "lengths MIN MAX needs 0 < MIN <= MAX, got 900 100"),
+        ({"examples": 0}, "examples must be an integer > 0"),
+        ({"batch_size": 1.5}, "batch_size must be an integer > 0, got 1.5"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"base_model": "/tmp/model"}, "base_model '/tmp/model' is not a Hub repo id"),
+    ],
+)
+def test_mask_learning_arguments_name_the_bad_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        MaskLearningArguments(**fields)
+
+
+def test_the_recipe_takes_its_defaults_from_the_callback_and_the_data():
+    """`train_masks` runs the callback's schedule on make_retrieval_dataset's default data, unless told otherwise:
+    a default written again in MaskLearningArguments that disagrees fails here."""
+    arguments = MaskLearningArguments()
+    for field in dataclasses.fields(LeanKMaskCallback):
+        assert getattr(arguments, field.name) == field.default, field.name
+    data = inspect.signature(make_retrieval_dataset).parameters
+    assert (tuple(arguments.lengths), arguments.examples) == (data["lengths"].default, data["n"].default)

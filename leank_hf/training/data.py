@@ -11,6 +11,7 @@ import bisect
 import itertools
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+# The default training data of `train_masks` and `leank-hf train`: the prompt lengths the shipped SmolLM2 masks were
+# learned on (BENCHMARKS.md section 4), and as many examples as the default schedule has stage-1 steps at batch size 1.
+TRAINING_LENGTHS = (1024, 8192)
+TRAINING_EXAMPLES = 2000
 
 _ADJECTIVES = [
     "silver", "crimson", "hidden", "northern", "ancient", "quiet", "golden", "frozen", "hollow", "velvet", "amber",
@@ -76,17 +81,12 @@ class RetrievalDataset(Dataset):
         split: Split,
         seed: int,
     ) -> None:
-        low, high = lengths
-        if not 0 < low <= high:
-            raise ValueError(
-                f"lengths must be (shortest, longest) prompt tokens with 0 < shortest <= longest, got {lengths}"
-            )
+        check_lengths(lengths)
         if not 1 <= facts[0] <= facts[1] <= len(_WORDS):
             raise ValueError(
                 f"facts must be (fewest, most) facts per example with 1 <= fewest <= most <= {len(_WORDS)}, got {facts}"
             )
-        if not 0.0 <= depths[0] <= depths[1] <= 1.0:
-            raise ValueError(f"depths must satisfy 0 <= low <= high <= 1, got {depths}")
+        check_depths(depths)
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
         self.tokenizer, self.lengths, self.n = tokenizer, lengths, n
@@ -196,10 +196,24 @@ def _draw_facts(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
     return facts
 
 
+def check_lengths(lengths: Sequence[int]) -> None:
+    """Raise a `ValueError` unless `lengths` is (shortest, longest) prompt tokens, MIN MAX with 0 < MIN <= MAX."""
+    if len(lengths) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        raise ValueError(f"lengths must be two token counts, the shortest and longest prompt (MIN MAX), got {lengths}")
+    if not 0 < lengths[0] <= lengths[1]:
+        raise ValueError(f"lengths MIN MAX needs 0 < MIN <= MAX, got {lengths[0]} {lengths[1]}")
+
+
+def check_depths(depths: Sequence[float], name: str = "depths") -> None:
+    """Raise a `ValueError` unless `depths` is (low, high) relative depths with 0 <= low <= high <= 1."""
+    if len(depths) != 2 or not 0.0 <= depths[0] <= depths[1] <= 1.0:
+        raise ValueError(f"{name} must be two relative depths LOW HIGH with 0 <= LOW <= HIGH <= 1, got {depths}")
+
+
 def make_retrieval_dataset(
     tokenizer: PreTrainedTokenizerBase,
-    lengths: tuple[int, int] = (1024, 8192),
-    n: int = 2000,
+    lengths: tuple[int, int] = TRAINING_LENGTHS,
+    n: int = TRAINING_EXAMPLES,
     *,
     facts: tuple[int, int] = (1, 4),
     depths: tuple[float, float] = (0.0, 1.0),
