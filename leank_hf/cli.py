@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import pickle
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,9 +18,11 @@ from . import __version__
 from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
+from .eval import BASELINES, EvaluationArguments
 from .hub import as_hub_id, hub_id_from_url
 from .masks import LeanKMasks
 from .training.recipe import MaskLearningArguments
+from .windows import WindowConfig
 
 EMBEDDED_MODEL = "smollm2"
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
@@ -45,26 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = command("inspect", "summarise a mask repo (local dir, shipped name, or Hub id)")
     inspect.add_argument("repo", help="mask repo: directory, shipped short name, or Hub repo id")
-    inspect.add_argument("--context", type=POSITIVE_INT, default=32768,
+    inspect.add_argument("--context", type=positive_int, default=32768,
                          help="tokens per sequence for the memory estimate")  # fmt: skip
-    inspect.add_argument("--batch", type=POSITIVE_INT, default=1, help="sequences for the memory estimate")
-    inspect.add_argument("--bytes-per-value", type=POSITIVE_INT, default=2, help="2 for bf16/fp16 caches, 4 for fp32")
+    inspect.add_argument("--batch", type=positive_int, default=1, help="sequences for the memory estimate")
+    inspect.add_argument("--bytes-per-value", type=positive_int, default=2, help="2 for bf16/fp16 caches, 4 for fp32")
     inspect.add_argument("--plot", type=Path, help="also write the kept-channel heatmap to this PNG")
     inspect.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub mask repo")
     inspect.set_defaults(run=_inspect)
 
-    convert = command("convert", "turn a [layers, kv_heads, head_dim] mask file into a mask repo")
+    convert = command("convert", "turn a [layers, kv_heads, head_dim] mask file into a mask repo", WindowConfig)
     convert.add_argument("source", type=readable_file,
                          help=".safetensors (tensor 'channel_mask') or .pth of the paper's layout")  # fmt: skip
     convert.add_argument("output", type=Path, help="directory to write the mask repo into (replacing one there)")
-    convert.add_argument("--align", type=POSITIVE_INT, default=32, help="per-head kept counts are multiples of this")
+    convert.add_argument("--align", type=positive_int, default=32,
+                         help="per-head kept counts are multiples of this (the paper's masks: 32)")  # fmt: skip
     convert.add_argument("--base-model", type=hub_id, help="Hub id of the model the masks are for")
     convert.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES,
                          help="transformers model_type of that model (checked on load)")  # fmt: skip
-    convert.add_argument("--sink", type=COUNT, default=64, help="leading tokens that keep full keys")
-    convert.add_argument("--recent", type=COUNT, default=256, help="latest tokens that keep full keys")
-    convert.add_argument("--block-size", type=POSITIVE_INT, default=64,
-                         help="tokens moved from the recent window to the pruned store at a time")  # fmt: skip
     convert.add_argument("--source-note", help="provenance and licence text for the model card")
     convert.set_defaults(run=_convert)
 
@@ -82,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--masks", required=True, help="mask repo: directory, shipped short name, or Hub repo id")
     generate.add_argument("--prompt-file", type=readable_file, required=True,
                           help="text file; sent through the chat template")  # fmt: skip
-    generate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64, help="tokens to generate (greedy)")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (greedy)")
     generate.add_argument("--compare", action="store_true", help="also generate with DynamicCache")
     generate.set_defaults(run=_generate)
 
@@ -92,21 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.set_defaults(run=_train)
 
-    evaluate = command("eval", "compare masks with the full cache and with baseline masks")
+    evaluate = command("eval", "compare masks with the full cache and with baseline masks", EvaluationArguments,
+                       WindowConfig)  # fmt: skip
     _add_model_arguments(evaluate)
     evaluate.add_argument("--masks", nargs="*", default=[], help="learned mask repos (each at its own keep ratio)")
-    evaluate.add_argument("--baselines", nargs="*", default=["calibration", "think", "random"],
-                          choices=["calibration", "think", "random"], help="baselines to compare with")  # fmt: skip
-    evaluate.add_argument("--keep-ratios", type=RATIO, nargs="+", default=[0.5, 0.3, 0.2],
-                          help="keep ratios the baselines are evaluated at (learned masks: at their own)")  # fmt: skip
-    evaluate.add_argument("--sink", type=COUNT, default=64, help="sink of the baseline masks")
-    evaluate.add_argument("--recent", type=COUNT, default=256, help="recent window of the baseline masks")
-    evaluate.add_argument("--text-tokens", type=POSITIVE_INT, default=4096, help="length of each held-out prose window")
-    evaluate.add_argument("--positions", type=POSITIVE_INT, default=512, help="last positions of each window compared")
-    evaluate.add_argument("--texts", type=POSITIVE_INT, default=2, help="held-out prose windows")
-    evaluate.add_argument("--retrieval-tokens", type=POSITIVE_INT, default=2048,
-                          help="length of each held-out retrieval task, in tokens")  # fmt: skip
-    evaluate.add_argument("--retrieval-tasks", type=POSITIVE_INT, default=20, help="held-out retrieval tasks")
+    evaluate.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+                          help="baselines to compare with (their windows: --sink, --recent, --block-size)")  # fmt: skip
     evaluate.add_argument("--out", type=Path, required=True, help="dir for eval.json, eval.md and the plot")
     evaluate.add_argument("--record-in", type=directory,
                           help="also store the rows at this mask repo's keep ratio in its config and card")  # fmt: skip
@@ -196,13 +185,14 @@ def load_mask_file(path: Path) -> torch.Tensor:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    windows = settings(WindowConfig, args)
     mask = load_mask_file(args.source)
     method = {"name": "converted", "from": args.source.name}
     if args.source_note:
         method["source"] = args.source_note
     masks = LeanKMasks.from_dense(
-        mask, align=args.align, base_model=args.base_model, model_type=args.model_type, sink=args.sink,
-        recent=args.recent, block_size=args.block_size, method=method,
+        mask, align=args.align, base_model=args.base_model, model_type=args.model_type, method=method,
+        **dataclasses.asdict(windows),
     )  # fmt: skip
     masks.save_pretrained(args.output, overwrite_card=True)  # a card of other masks would describe the wrong ones
     print(f"wrote {args.output}: {masks.keep_ratio:.1%} of key channels kept")
@@ -308,22 +298,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .eval import accuracy_png, evaluate, format_table, standard_methods
     from .io import atomic_write_bytes, json_bytes
 
+    measured, windows = settings(EvaluationArguments, args), settings(WindowConfig, args)
     source = model_source(args)
     learned = [LeanKMasks.from_pretrained(repo) for repo in args.masks]
     record = LeanKMasks.from_pretrained(args.record_in) if args.record_in else None
-    if record is not None and round(record.keep_ratio, 2) not in {round(r, 2) for r in args.keep_ratios}:
+    ratios = measured.keep_ratios
+    if record is not None and round(record.keep_ratio, 2) not in {round(r, 2) for r in ratios}:
         raise ValueError(
             f"--record-in {args.record_in} keeps {record.keep_ratio:.2f} of the key channels, which --keep-ratios "
-            f"{' '.join(map(str, args.keep_ratios))} does not evaluate; add {record.keep_ratio:.2f} to them"
+            f"{' '.join(map(str, ratios))} does not evaluate; add {record.keep_ratio:.2f} to them"
         )
-    if args.positions >= args.text_tokens:
-        raise ValueError(f"--positions ({args.positions}) must be below --text-tokens ({args.text_tokens})")
     model, tokenizer = load_model(source, args.dtype)
-    methods = standard_methods(model, tokenizer, learned, args.baselines, sink=args.sink, recent=args.recent)
-    rows = evaluate(
-        model, tokenizer, methods, args.keep_ratios, text_tokens=args.text_tokens, positions=args.positions,
-        texts=args.texts, retrieval_tokens=args.retrieval_tokens, retrieval_tasks=args.retrieval_tasks,
-    )  # fmt: skip
+    methods = standard_methods(model, tokenizer, learned, args.baselines, windows=windows)
+    rows = evaluate(model, tokenizer, methods, measured)
     table = format_table(rows)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     # Everything is rendered before the first write, and the record (which renders its own files first) is saved
@@ -368,32 +355,15 @@ def embedded_model_path() -> tuple[str, str]:
     return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _in_range(convert: Callable[[str], float], low: float, high: float | None = None, *, low_open: bool = False):
-    """An argparse type: `convert(text)`, refused outside [low, high] (or (low, high] when `low_open`)."""
-    bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in {'(' if low_open else '['}{low}, {high}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if convert is int else 'a number'}"
-            ) from None
-        if (
-            not math.isfinite(value)
-            or value < low
-            or (low_open and value == low)
-            or (high is not None and value > high)
-        ):
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return value
-
-    return parse
-
-
-POSITIVE_INT = _in_range(int, 0, low_open=True)
-COUNT = _in_range(int, 0)
-RATIO = _in_range(float, 0, 1, low_open=True)
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def readable_file(text: str) -> Path:

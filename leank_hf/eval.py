@@ -5,14 +5,17 @@ Every method decodes on top of an exact (dense) prefill, as LeanK does in `gener
   prose (the book's held-out chapters), fed one token at a time;
 - retrieval accuracy on held-out retrieval tasks that the full cache solves (so 1.0 = nothing lost).
 A method is a function `(keep_ratio, prompt_ids) -> LeanKMasks | None` (None: no masks at that ratio), so static
-masks (learned, calibration, random) and per-prompt ones (ThinK) are compared the same way.
+masks (learned, calibration, random) and per-prompt ones (ThinK) are compared the same way. What is measured is an
+`EvaluationArguments`, the home of its defaults (and of `leank-hf eval`'s options).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,16 +25,59 @@ from transformers import DynamicCache
 from .architectures import ModelSpec
 from .baselines import random_masks, think_masks
 from .cache import LeanKCache
+from .checks import check_range
 from .compat import cache_kwargs
 from .data import prose_text
 from .masks import LeanKMasks
-from .training.data import make_retrieval_dataset
+from .training.data import check_depths, make_retrieval_dataset
+from .windows import DEFAULT_WINDOWS, WindowConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MaskSource = Callable[[float, torch.Tensor], LeanKMasks | None]
 FULL_CACHE = "full cache"
+BASELINES = ("calibration", "think", "random")
+
+
+@dataclass
+class EvaluationArguments:
+    """What `evaluate` measures; `leank-hf eval` makes its options from these fields with `HfArgumentParser`.
+
+    The defaults are those of the shipped SmolLM2 masks' evaluation (BENCHMARKS.md section 4), which also passed
+    `retrieval_tasks=40`.
+
+    Raises:
+        ValueError: naming the field, for a value out of range (checked before any model is loaded).
+    """
+
+    keep_ratios: list[float] = field(
+        default_factory=lambda: [0.5, 0.3, 0.2],
+        metadata={"help": "keep ratios the baselines are evaluated at (learned masks: at their own)"},
+    )
+    text_tokens: int = field(default=4096, metadata={"help": "length of each held-out prose window"})
+    positions: int = field(default=512, metadata={"help": "last positions of each window compared"})
+    texts: int = field(default=2, metadata={"help": "held-out prose windows"})
+    retrieval_tokens: int = field(default=2048, metadata={"help": "length of each held-out retrieval task, in tokens"})
+    retrieval_tasks: int = field(default=20, metadata={"help": "held-out retrieval tasks"})
+    retrieval_depths: list[float] = field(
+        default_factory=lambda: [0.5, 0.85],
+        metadata={"help": "relative depth of the asked fact in each retrieval task", "metavar": ("LOW", "HIGH")},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the retrieval tasks"})
+
+    def __post_init__(self) -> None:
+        for ratio in self.keep_ratios:
+            check_range(ratio, 0, 1, name="keep_ratios", low_open=True)
+        for name in ("text_tokens", "positions", "texts", "retrieval_tokens", "retrieval_tasks"):
+            check_range(getattr(self, name), 0, name=name, low_open=True, integer=True)
+        if self.positions >= self.text_tokens:
+            raise ValueError(
+                f"positions ({self.positions}) must be below text_tokens ({self.text_tokens}): the tokens before them "
+                "are the prefill; lower positions or raise text_tokens"
+            )
+        check_depths(self.retrieval_depths, name="retrieval_depths")
+        check_range(self.seed, 0, name="seed", integer=True)
 
 
 def heldout_windows(tokenizer: PreTrainedTokenizerBase, tokens: int, count: int) -> list[torch.Tensor]:
@@ -83,15 +129,7 @@ def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     methods: dict[str, MaskSource],
-    keep_ratios: Sequence[float] = (0.5, 0.3, 0.2),
-    *,
-    text_tokens: int = 4096,
-    positions: int = 512,
-    texts: int = 2,
-    retrieval_tokens: int = 2048,
-    retrieval_tasks: int = 20,
-    retrieval_depths: tuple[float, float] = (0.5, 0.85),
-    seed: int = 0,
+    arguments: EvaluationArguments | None = None,
 ) -> list[dict[str, Any]]:
     """Rows `{method, keep_ratio, kl, top1, retrieval, ...}`: the full cache first, then every method at every ratio.
     `retrieval` is None when the full cache solves none of the tasks.
@@ -99,17 +137,20 @@ def evaluate(
     Args:
         model, tokenizer: the model under test and its tokenizer.
         methods: name -> `MaskSource`.
-        keep_ratios: ratios to evaluate each method at.
-        text_tokens, positions, texts: `texts` held-out prose windows of `text_tokens` tokens; the last `positions`
-            of each are decoded and compared with the full cache.
-        retrieval_tokens, retrieval_tasks, retrieval_depths: held-out retrieval tasks of that length, with the asked
-            fact at that relative depth; only those the full cache answers count.
-        seed: seed of the retrieval tasks.
+        arguments: what is measured (default: `EvaluationArguments()`): each method at every `keep_ratios`, on
+            `texts` held-out prose windows of `text_tokens` tokens, whose last `positions` are decoded and compared
+            with the full cache, and on `retrieval_tasks` held-out retrieval tasks of `retrieval_tokens` tokens with
+            the asked fact at `retrieval_depths`, of which only those the full cache answers count.
     """
-    windows = heldout_windows(tokenizer, text_tokens, texts)
+    arguments = arguments or EvaluationArguments()
+    positions = arguments.positions
+    windows = heldout_windows(tokenizer, arguments.text_tokens, arguments.texts)
     references = [decoded_logits(model, w, DynamicCache(config=model.config), positions) for w in windows]
-    tasks = make_retrieval_dataset(tokenizer, (retrieval_tokens, retrieval_tokens), retrieval_tasks, facts=(1, 3),
-                                   depths=retrieval_depths, split="heldout", seed=seed)  # fmt: skip
+    lengths = (arguments.retrieval_tokens, arguments.retrieval_tokens)
+    tasks = make_retrieval_dataset(
+        tokenizer, lengths, arguments.retrieval_tasks, facts=(1, 3), depths=tuple(arguments.retrieval_depths),
+        split="heldout", seed=arguments.seed,
+    )  # fmt: skip
     examples = [tasks.example(i) for i in range(len(tasks))]
     solved = [
         e
@@ -118,7 +159,7 @@ def evaluate(
     ]
     rows = [{"method": FULL_CACHE, "keep_ratio": 1.0, "kl": 0.0, "top1": 1.0, "retrieval": 1.0,
              "full_cache_solved": f"{len(solved)}/{len(examples)}"}]  # fmt: skip
-    runs = [(ratio, name) for ratio in keep_ratios for name in methods]
+    runs = [(ratio, name) for ratio in arguments.keep_ratios for name in methods]
     for ratio, name in tqdm(runs, desc="LeanK evaluation"):
         source = methods[name]
         scores = []
@@ -145,19 +186,19 @@ def standard_methods(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     learned: Sequence[LeanKMasks] = (),
-    baselines: Sequence[str] = ("calibration", "think", "random"),
+    baselines: Sequence[str] = BASELINES,
     *,
-    sink: int = 64,
-    recent: int = 256,
+    windows: WindowConfig = DEFAULT_WINDOWS,
     calibration_tokens: int = 4096,
 ) -> dict[str, MaskSource]:
     """The comparison of the paper: `learned` masks (each used at its own keep ratio) and the baselines
     ``"calibration"`` (mean |q|·|k| on `calibration_tokens` of the training prose), ``"think"`` (per prompt) and
-    ``"random"``, built with the given `sink` and `recent`."""
+    ``"random"``, built with the given `windows`."""
     spec = ModelSpec.from_model(model)
-    unknown = set(baselines) - {"calibration", "think", "random"}
+    unknown = set(baselines) - set(BASELINES)
     if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from calibration, think, random")
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {', '.join(BASELINES)}")
+    window_fields = dataclasses.asdict(windows)
     methods: dict[str, MaskSource] = {}
     if learned:
         by_ratio = {round(m.keep_ratio, 2): m for m in learned}
@@ -168,13 +209,13 @@ def standard_methods(
 
         @functools.cache
         def calibrated(ratio: float) -> LeanKMasks:
-            return LeanKMasks.from_calibration(model, ids, keep_ratio=ratio, sink=sink, recent=recent)
+            return LeanKMasks.from_calibration(model, ids, keep_ratio=ratio, **window_fields)
 
         methods["calibration"] = lambda ratio, prompt: calibrated(ratio)
     if "think" in baselines:
-        methods["think"] = lambda ratio, prompt: think_masks(model, prompt, ratio, sink=sink, recent=recent)
+        methods["think"] = lambda ratio, prompt: think_masks(model, prompt, ratio, **window_fields)
     if "random" in baselines:
-        methods["random"] = lambda ratio, prompt: random_masks(spec, ratio, sink=sink, recent=recent)
+        methods["random"] = lambda ratio, prompt: random_masks(spec, ratio, **window_fields)
     return methods
 
 

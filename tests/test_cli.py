@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 import leank_hf
-from leank_hf import SUPPORTED_MODEL_TYPES, LeanKMasks
+from leank_hf import SUPPORTED_MODEL_TYPES, LeanKMasks, WindowConfig
 from leank_hf.cli import build_parser, main, settings
+from leank_hf.eval import EvaluationArguments
 from leank_hf.training import LeanKMaskCallback
 from leank_hf.training.recipe import MaskLearningArguments
 
@@ -182,7 +183,8 @@ def test_help_explains_every_argument_and_shows_its_default(name, monkeypatch):
             ]
 
 
-SETTINGS = [("train", MaskLearningArguments)]
+SETTINGS = [("train", MaskLearningArguments), ("eval", EvaluationArguments), ("eval", WindowConfig),
+            ("convert", WindowConfig)]  # fmt: skip
 
 
 def field_default(field: dataclasses.Field) -> object:
@@ -262,6 +264,9 @@ def run(argv: list[str]) -> int:
         (["train", "--out", "{tmp}/run", "--stage2-lr", "nan"], "must be > 0"),
         (["train", "--out", "{tmp}/run", "--lengths", "100", "200", "300"], "two token counts"),
         (["train", "--out", "{tmp}/run", "--base-model", "not a/hub id"], "is not a Hub repo id"),
+        (["eval", "--out", "{tmp}/eval", "--positions", "4096"], "must be below text_tokens"),
+        (["eval", "--out", "{tmp}/eval", "--sink", "-1"], "sink must be an integer from 0"),
+        (["convert", "{prompt}", "{tmp}/out", "--block-size", "0"], "block_size must be an integer from 1"),
         (["eval", "--out", "{tmp}/eval", "--masks", "{tmp}/nonexistent"], "no LeanK mask directory"),
         (["eval", "--out", "{tmp}/eval", "--record-in", "smollm2-135m-instruct"], "no such directory"),
         (["eval", "--out", "{tmp}/eval", "--record-in", "{repo}", "--keep-ratios", "0.3"], "add 0.50 to them"),

@@ -10,12 +10,13 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from leank_hf import LeanKCache, LeanKMasks, ModelSpec, select_channels
+from leank_hf import LeanKCache, LeanKMasks, ModelSpec, WindowConfig, select_channels
 from leank_hf.baselines import random_masks, think_masks
 from leank_hf.compat import CACHE_ARGUMENT
 from leank_hf.data import prose_text
 from leank_hf.eval import (
     FULL_CACHE,
+    EvaluationArguments,
     answers_correctly,
     decoded_logits,
     evaluate,
@@ -95,8 +96,8 @@ def test_random_masks_are_aligned_reproducible_and_random():
 
 def test_calibration_baseline_uses_training_prose(smollm2_tokenizer):
     model = tiny_llama(len(smollm2_tokenizer))
-    methods = standard_methods(model, smollm2_tokenizer, baselines=["calibration"], sink=4, recent=16,
-                               calibration_tokens=256)  # fmt: skip
+    methods = standard_methods(model, smollm2_tokenizer, baselines=["calibration"],
+                               windows=WindowConfig(sink=4, recent=16), calibration_tokens=256)  # fmt: skip
     masks = methods["calibration"](0.5, None)
     assert masks is methods["calibration"](0.5, None), "computed once per ratio"
     ids = smollm2_tokenizer(prose_text("train"), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :256]
@@ -116,8 +117,9 @@ def test_evaluate_end_to_end(smollm2_tokenizer, tmp_path):
         "random": lambda ratio, prompt: random_masks(spec, ratio, sink=4, recent=16, block_size=8),
         "only at 0.5": lambda ratio, prompt: keep_all if ratio == 0.5 else None,
     }
-    rows = evaluate(model, smollm2_tokenizer, methods, (0.5, 0.2), text_tokens=160, positions=24, texts=2,
-                    retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    measured = EvaluationArguments(keep_ratios=[0.5, 0.2], text_tokens=160, positions=24, texts=2,
+                                   retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    rows = evaluate(model, smollm2_tokenizer, methods, measured)
     assert rows[0]["method"] == FULL_CACHE and rows[0]["full_cache_solved"].endswith("/3")
     by_key = {(r["method"], r["keep_ratio"]): r for r in rows}
     assert set(by_key) == {(FULL_CACHE, 1.0), ("keep all", 0.5), ("keep all", 0.2), ("random", 0.5),
@@ -151,8 +153,9 @@ def test_evaluate_scores_retrieval_only_on_tasks_the_full_cache_solves(smollm2_t
         "keep all": lambda ratio, prompt: keep_all,
         "random": lambda ratio, prompt: random_masks(spec, ratio, sink=4, recent=16, block_size=8),
     }
-    run = functools.partial(evaluate, model, smollm2_tokenizer, methods, (0.5,), text_tokens=160, positions=24,
-                            texts=1, retrieval_tokens=140, retrieval_tasks=3)  # fmt: skip
+    measured = EvaluationArguments(keep_ratios=[0.5], text_tokens=160, positions=24, texts=1, retrieval_tokens=140,
+                                   retrieval_tasks=3)  # fmt: skip
+    run = functools.partial(evaluate, model, smollm2_tokenizer, methods, measured)
     rows = run()
     assert rows[0]["full_cache_solved"] == "2/3"
     assert {r["method"]: r["retrieval"] for r in rows[1:]} == {"keep all": 1.0, "random": 0.0}
@@ -193,3 +196,19 @@ def test_heldout_windows(smollm2_tokenizer):
     assert not torch.equal(windows[0], windows[-1])
     with pytest.raises(ValueError, match="fewer than"):
         heldout_windows(smollm2_tokenizer, 10**6, 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"keep_ratios": [0.3, 1.5]}, r"keep_ratios must be in \(0, 1\], got 1.5"),
+        ({"texts": 0}, "texts must be an integer > 0"),
+        ({"positions": 4096, "text_tokens": 4096}, "positions (4096) must be below text_tokens (4096)"),
+        ({"retrieval_depths": [0.9, 0.5]}, "retrieval_depths must be two relative depths LOW HIGH"),
+        ({"retrieval_depths": [0.5]}, "retrieval_depths must be two relative depths"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+    ],
+)
+def test_evaluation_arguments_name_the_bad_field(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(4096)", r"\(4096\)")):
+        EvaluationArguments(**fields)
