@@ -272,10 +272,10 @@ def test_drawing_cards_and_plots_leaves_the_users_matplotlib_alone(tmp_path):
         "import matplotlib, torch\n"
         "from leank_hf import LeanKMasks\n"
         "from leank_hf.eval import accuracy_png\n"
-        "LeanKMasks(torch.arange(32).expand(2, 3, 32) < 16).save_pretrained(r'%s')\n"
+        f"LeanKMasks(torch.arange(32).expand(2, 3, 32) < 16).save_pretrained(r'{tmp_path}')\n"
         "accuracy_png([{'method': 'learned', 'keep_ratio': 0.5, 'kl': 0.1, 'top1': 0.9, 'retrieval': None}])\n"
         "import matplotlib.pyplot as plt\n"
-        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n" % tmp_path
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n"
     )
     env = {**os.environ, "MPLBACKEND": "svg"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
