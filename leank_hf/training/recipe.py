@@ -88,7 +88,7 @@ class MaskLearningArguments:
 
     def __post_init__(self) -> None:
         self.callback()  # checks keep_ratio, align, the stages' steps, l1_weight and stage2_learning_rate
-        WindowConfig(self.sink, self.recent)
+        WindowConfig(self.sink, self.recent)  # checks sink and recent
         check_lengths(self.lengths)
         check_range(self.learning_rate, 0, name="learning_rate", low_open=True)
         for name in ("examples", "batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
