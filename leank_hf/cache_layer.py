@@ -16,10 +16,6 @@ from .memory import LayerMemory, held_bytes
 # (`LeanKLayer._middle_growth`), so that no layer ever holds more than a `DynamicLayer` would.
 _GROWTH_FRACTION = 1 / 16
 
-# Window stores grow in steps of at most this many tokens (or `block_size`, if smaller): a short prompt holds about
-# what it needs, not the whole window a long one fills.
-_WINDOW_GRANULE = 64
-
 # Versions of a layer's stores, for the decode kernel's launch cache: unique across layers and resets.
 _STORE_VERSIONS = itertools.count()
 
@@ -79,9 +75,8 @@ class LeanKLayer(CacheLayerMixin):
         self.channel_mask = channel_mask.bool()
         self.sink, self.recent, self.block_size = sink, recent, block_size
         # The window holds at most `recent + block_size - 1` tokens between steps, `recent + block_size` while a
-        # decode step attends; it grows towards that in granules as tokens come.
+        # decode step attends.
         self._window_capacity = recent + block_size
-        self._window_granule = min(block_size, _WINDOW_GRANULE)
         self.attention = LeanKAttention()  # keeps the decode kernel's launch set-up from step to step
         self._clear()
 
@@ -95,6 +90,7 @@ class LeanKLayer(CacheLayerMixin):
         self.sink_keys = self.sink_values = self.sink_lengths = None
         self.middle_keys = self.middle_values = self.middle_valid = self.middle_start = None
         self._middle_has_holes = False
+        self._has_flushed = False  # some tokens have left the window: the row is long, the window full-size
         self.recent_keys = self.recent_values = self.recent_valid = None
         # Host-side knowledge that lets a flush skip reading its decisions back from the GPU:
         self._sinks_full = self.sink == 0  # every row's sink holds `sink` tokens
@@ -312,15 +308,18 @@ class LeanKLayer(CacheLayerMixin):
     def _open_window_slots(self, count: int, valid: torch.Tensor | None, decode_room: bool = True) -> None:
         """Count `count` more tokens into the window, at its end (the caller writes them); `valid` their flags.
 
-        With `decode_room` (a step that attends) the window stores grow by a granule past what these tokens need, up
-        to what the window holds while decoding, so that the steps after it need no new store; without it (the
-        prefill, a generate call's memory peak) they grow only as far as these tokens need."""
+        With `decode_room` (a step that attends) the window stores grow past what these tokens need: once tokens
+        have left the window, to what it holds while decoding (the steps after need no new store); before that (a
+        short row, whose every token is in the window) by 1/16, as a `DynamicLayer` would hold about as much.
+        Without it (the prefill, a generate call's memory peak) they grow only as far as these tokens need."""
         self._real_run = self._real_run + count if valid is None else 0
         needed = self._window + count
         if needed > self.recent_keys.shape[2]:
             capacity = needed
-            if decode_room:
-                capacity = max(needed, min(_round_up(needed, self._window_granule), self._window_capacity))
+            if decode_room and self._has_flushed:
+                capacity = max(needed, self._window_capacity)
+            elif decode_room:
+                capacity = max(needed, min(needed + max(1, int(needed * _GROWTH_FRACTION)), self._window_capacity))
             self.recent_keys = _grown(self.recent_keys, 2, self._window, capacity)
             self.recent_values = _grown(self.recent_values, 2, self._window, capacity)
             self.recent_valid = _grown(self.recent_valid, 1, self._window, capacity)
@@ -339,6 +338,7 @@ class LeanKLayer(CacheLayerMixin):
         """Move tokens `[B, H, n, D]` out of the window: a row's first `sink` real tokens to its sink, others to the
         middle store. `valid` `[B, n]`; None when every token is real."""
         self._stores_changed()
+        self._has_flushed = True
         if valid is None and self._sinks_full:
             # What decoding does every `block_size` steps: every token goes to the middle, known on the host. (The
             # general path below reads its decisions back from the GPU, which stalls the host once per layer.)
@@ -473,10 +473,6 @@ def _validity(valid: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
 
 def _live_bytes(tensor: torch.Tensor, dim: int, used: int) -> int:
     return tensor.numel() // max(tensor.shape[dim], 1) * used * tensor.element_size()
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def _grown(tensor: torch.Tensor, dim: int, used: int, capacity: int) -> torch.Tensor:

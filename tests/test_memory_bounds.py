@@ -111,3 +111,28 @@ def test_long_windows_allocate_what_is_held_not_what_is_allowed():
         model.generate(**inputs, **cache_kwargs(each), max_new_tokens=4, do_sample=False, pad_token_id=0)
     granule = 2 * model.config.num_key_value_heads * 64 * 32 * 4 * model.config.num_hidden_layers  # 64 tokens
     assert leank_bytes(cache)[0] <= stock_bytes(dense) + granule
+
+
+@pytest.mark.parametrize("lengths", [[1], [30], [100, 60], [280]], ids=lambda n: f"prompt{n}")
+def test_rows_shorter_than_the_windows_hold_what_a_dynamic_cache_holds(lengths):
+    """With the shipped windows (64 + 256 + 64) a short row is all window: it may reserve a sixteenth for the next
+    tokens, not a block (a 38-token row held 1.49x a DynamicCache's bytes with 64-token steps)."""
+    model = tiny_model("llama")
+    masks = pruned(model).replace(sink=64, recent=256, block_size=64)
+    inputs = left_padded_batch(lengths, model.config.vocab_size)
+    per_step = {}
+    for name, cache, held in (
+        ("dynamic", DynamicCache(config=model.config), stock_bytes),
+        ("leank", LeanKCache(masks, model), leank_bytes),
+    ):
+        recorder = BytesPerStep(cache, held)
+        model.generate(
+            **inputs, **cache_kwargs(cache), max_new_tokens=70, do_sample=False, pad_token_id=0,
+            stopping_criteria=StoppingCriteriaList([recorder]),
+        )  # fmt: skip
+        per_step[name] = recorder.steps
+    token = block_bytes(model, len(lengths)) // WINDOWS["block_size"]  # one full-width token in every layer
+    for step, (dense, (leank, _)) in enumerate(zip(per_step["dynamic"], per_step["leank"], strict=True)):
+        if inputs["input_ids"].shape[1] + step + 1 >= 256 + 64:
+            break  # tokens start leaving the window: one block of slack (the test above) until pruning pays
+        assert leank <= dense + max(token, dense // 16), f"step {step}: {leank / dense:.3f}x the DynamicCache"
