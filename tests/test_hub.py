@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from leank_hf import LeanKCache, LeanKMasks, zoo_names
+from leank_hf.card import render_card
 from leank_hf.hub import hub_id_from_url, push_masks
 
 from .conftest import tiny_model
@@ -260,9 +261,34 @@ def test_hub_ids_are_read_only_from_hub_model_urls():
         assert hub_id_from_url(url) is None
 
 
-def test_shipped_cards_are_rendered():
-    card = (ROOT / "hub_cards" / "zoo" / "llama-3.1-8b-instruct" / "README.md").read_text()
-    assert "base_model: meta-llama/Llama-3.1-8B-Instruct" in card and "47 of 256" in card and "68.1%" in card
+SHIPPED = sorted(path.name for path in (ROOT / "hub_cards" / "zoo").iterdir() if path.is_dir())
+
+
+def test_every_shipped_repo_is_a_zoo_name():
+    assert zoo_names() == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_cards_are_what_the_renderer_makes_of_their_masks(name):
+    """Each committed card is `render_card` of its repo's masks now: a stale card or a broken field fails here
+    (rebuild with `bash hub_cards/build_zoo.sh`)."""
+    directory = ROOT / "hub_cards" / "zoo" / name
+    rendered = render_card(LeanKMasks.from_pretrained(directory))
+    assert rendered.splitlines() == (directory / "README.md").read_text(encoding="utf-8").splitlines()
+
+
+def test_the_llama_card_states_the_papers_mask_figures():
+    """Figures counted independently of the renderer: 47 of the 256 KV heads keep no channel, and the K cache at
+    32K tokens holds the kept share of the middle plus sink and recent at full width."""
+    masks = LeanKMasks.from_pretrained("llama-3.1-8b-instruct")
+    kept = masks.to_dense().sum(-1)
+    assert int((kept == 0).sum()) == 47 and kept.numel() == 256
+    tokens = 32768
+    full = masks.sink + masks.recent
+    k_saved = 1 - (full + (tokens - full) * masks.to_dense().float().mean().item()) / tokens
+    card = (ROOT / "hub_cards" / "zoo" / "llama-3.1-8b-instruct" / "README.md").read_text(encoding="utf-8")
+    assert "base_model: meta-llama/Llama-3.1-8B-Instruct" in card and "| 47 of 256 |" in card
+    assert f"| K cache saved at {tokens} tokens | {k_saved:.1%} |" in card
 
 
 def test_drawing_cards_and_plots_leaves_the_users_matplotlib_alone(tmp_path):
@@ -272,10 +298,10 @@ def test_drawing_cards_and_plots_leaves_the_users_matplotlib_alone(tmp_path):
         "import matplotlib, torch\n"
         "from leank_hf import LeanKMasks\n"
         "from leank_hf.eval import accuracy_png\n"
-        "LeanKMasks(torch.arange(32).expand(2, 3, 32) < 16).save_pretrained(r'%s')\n"
+        f"LeanKMasks(torch.arange(32).expand(2, 3, 32) < 16).save_pretrained(r'{tmp_path}')\n"
         "accuracy_png([{'method': 'learned', 'keep_ratio': 0.5, 'kl': 0.1, 'top1': 0.9, 'retrieval': None}])\n"
         "import matplotlib.pyplot as plt\n"
-        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n" % tmp_path
+        "print(matplotlib.get_backend(), len(plt.get_fignums()))\n"
     )
     env = {**os.environ, "MPLBACKEND": "svg"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
