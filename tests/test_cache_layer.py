@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import sdpa_mask
 
 from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
 from leank_hf.kernels import LeanKAttention
 from leank_hf.kernels import layout as layout_module
-from leank_hf.memory import held_bytes
 
 from .dense_reference import dense_leank_attention, window_sizes
 from .tolerances import assert_close
@@ -228,28 +228,51 @@ def test_middle_store_holds_only_kept_channels_and_no_full_keys(write_block, mon
     assert view.sink_keys.shape[2] <= 4
 
 
+def tensors_held(layer) -> dict[str, list[torch.Tensor]]:
+    """Every tensor `layer` holds for its tokens, by kind ("keys", "values", "other"), found by walking its attributes
+    (not the list `memory` counts): the mask and its layout, fixed per layer, are left out."""
+    held = {"keys": [], "values": [], "other": []}
+    for name, value in vars(layer).items():
+        if name != "channel_mask" and isinstance(value, torch.Tensor):
+            kind = "keys" if name.endswith("keys") else "values" if name.endswith("values") else "other"
+            held[kind].append(value)
+    return held
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 def test_memory_report_equals_tensors_held():
     generator = torch.Generator().manual_seed(2)
     mask = random_mask(2, 32, 8, generator)
-    layer = LeanKLayer(mask, sink=4, recent=8, block_size=4)
-    for _ in drive_layer(layer, [100] + [1] * 37, [0, 5], 4, 32, torch.bfloat16, generator):
+    sink, recent, block, steps, rows, heads, head_dim = 4, 8, 4, [100] + [1] * 37, 2, 2, 32
+    layer = LeanKLayer(mask, sink=sink, recent=recent, block_size=block)
+    for _ in drive_layer(layer, steps, [0, 5], 4, head_dim, torch.bfloat16, generator):
         pass
     report = layer.memory(0)
-    assert report.key_bytes == held_bytes(layer.sink_keys, layer.middle_keys, layer.recent_keys)
-    assert report.value_bytes == held_bytes(layer.sink_values, layer.middle_values, layer.recent_values)
-    assert report.other_bytes == held_bytes(
-        layer.sink_lengths, layer.middle_valid, layer.middle_start, layer.recent_valid
-    )
-    kept = int(mask.sum())
-    value_heads = int((mask.sum(-1) > 0).sum())
-    # Exact byte count of what the layer must hold: 2 rows, bf16.
-    middle = layer.middle_keys.shape[2]
-    window = layer.recent_keys.shape[2]
-    expected_keys = 2 * 2 * (2 * 4 * 32 + middle * kept + 2 * window * 32)
-    expected_values = 2 * 2 * (2 * 4 * 32 + value_heads * middle * 32 + 2 * window * 32)
-    assert report.key_bytes == expected_keys
-    assert report.value_bytes == expected_values
-    assert report.dense_bytes == 2 * 2 * 2 * layer.seq_len * 32 * 2
+    held = tensors_held(layer)
+    assert report.key_bytes == storage_bytes(held["keys"])
+    assert report.value_bytes == storage_bytes(held["values"])
+    assert report.other_bytes == storage_bytes(held["other"])
+    # What the definition holds (bf16, 2 bytes): every row's `sink` real tokens and the window at full width, the
+    # tokens between them (padding included: rows are stored side by side) on the kept channels, their values for
+    # the heads that keep one; a flag per middle and window token, a sink length and a middle start per row.
+    tokens, window = sum(steps), window_sizes([*steps, 0], recent, block)[-1]
+    middle = tokens - sink - window
+    kept, value_heads = int(mask.sum()), int(mask.any(-1).sum())
+    in_use = rows * (
+        2 * (2 * heads * head_dim * (sink + window) + kept * middle + value_heads * head_dim * middle)
+        + middle + window + 2 * 8
+    )  # fmt: skip
+    assert report.total_bytes - report.reserved_bytes == in_use
+    # The stock layer, given the same steps, holds what `dense_bytes` says.
+    dynamic = DynamicLayer()
+    for n in steps:
+        dynamic.update(*(torch.zeros(rows, heads, n, head_dim, dtype=torch.bfloat16) for _ in "kv"))
+    assert report.dense_bytes == storage_bytes([dynamic.keys]) + storage_bytes([dynamic.values])
 
 
 def test_growth_is_amortised_and_reserved_capacity_small():
