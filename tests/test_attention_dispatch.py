@@ -13,7 +13,7 @@ from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.compat import cache_kwargs
 
 from .conftest import _COMMON, tiny_model
-from .test_cache_generate import assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
+from .helpers import assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
 
 
 def dynamic_logits(model, inputs) -> torch.Tensor:

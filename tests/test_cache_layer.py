@@ -7,82 +7,14 @@ import copy
 import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
-from transformers.masking_utils import sdpa_mask
 
-from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
 from leank_hf.kernels import LeanKAttention
 from leank_hf.kernels import layout as layout_module
 
-from .dense_reference import dense_leank_attention, window_sizes
+from .dense_reference import window_sizes
+from .helpers import drive_layer, random_mask, storage_bytes, tensors_held
 from .tolerances import assert_close
-
-
-class FakeAttention(torch.nn.Module):
-    """What transformers' SDPA function reads from an attention module."""
-
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.num_key_value_groups = groups
-        self.is_causal = True
-
-
-def random_mask(heads: int, head_dim: int, align: int, generator: torch.Generator, prune_head: int | None = 0):
-    """Random keep-mask with aligned per-head counts (0 to head_dim) and optionally one fully pruned head."""
-    mask = torch.zeros(heads, head_dim, dtype=torch.bool)
-    for h in range(heads):
-        units = int(torch.randint(0, head_dim // align + 1, (1,), generator=generator))
-        if h == prune_head:
-            units = 0
-        elif units == 0:
-            units = 1
-        mask[h, torch.randperm(head_dim, generator=generator)[: units * align]] = True
-    return mask
-
-
-def drive_layer(
-    layer: LeanKLayer,
-    step_lengths: list[int],
-    left_pad: list[int],
-    num_q_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    generator: torch.Generator,
-    device: torch.device | str = "cpu",
-    skip_causal_mask: bool = True,
-):
-    """Feed random steps through `layer` via the attention function; yield (step, output, expected, query_valid).
-
-    Masks are what transformers builds for SDPA: None where causality alone describes the step and nothing is padded
-    (`skip_causal_mask`, as in `generate`), else a boolean mask."""
-    batch, heads = len(left_pad), layer.channel_mask.shape[0]
-    total = sum(step_lengths)
-    keys = torch.randn(batch, heads, total, head_dim, generator=generator).to(device, dtype)
-    values = torch.randn(batch, heads, total, head_dim, generator=generator).to(device, dtype)
-    queries = torch.randn(batch, num_q_heads, total, head_dim, generator=generator).to(device, dtype)
-    valid = torch.ones(batch, total, dtype=torch.bool, device=device)
-    for row, pad in enumerate(left_pad):
-        valid[row, :pad] = False
-    module = FakeAttention(num_q_heads // heads)
-    scaling = head_dim**-0.5
-    start = 0
-    windows = window_sizes(step_lengths, layer.recent, layer.block_size)
-    for index, (n, window) in enumerate(zip(step_lengths, windows, strict=True)):
-        end = start + n
-        step, _ = layer.update(keys[:, :, start:end], values[:, :, start:end], 0)
-        mask = sdpa_mask(
-            batch_size=batch, q_length=n, kv_length=end, q_offset=start, attention_mask=valid[:, :end],
-            allow_is_causal_skip=skip_causal_mask, device=device,
-        )  # fmt: skip
-        output, weights = leank_attention_forward(module, queries[:, :, start:end], step, step, mask, scaling=scaling)
-        assert weights is None
-        expected = dense_leank_attention(
-            queries[:, :, start:end], keys[:, :, :end], values[:, :, :end], valid[:, :end], start, window,
-            layer.channel_mask.to(device), layer.sink, scaling,
-        )  # fmt: skip
-        yield index, output.transpose(1, 2), expected, valid[:, start:end]
-        start = end
-
 
 CASES = [
     # (sink, recent, block, steps, left padding per row, q heads, kv heads, head_dim, align)
@@ -226,23 +158,6 @@ def test_middle_store_holds_only_kept_channels_and_no_full_keys(write_block, mon
     torch.testing.assert_close(value_store, full[:, layout.value_heads] + 1)
     assert view.recent_keys.shape[2] <= 16 + 8 - 1
     assert view.sink_keys.shape[2] <= 4
-
-
-def tensors_held(layer) -> dict[str, list[torch.Tensor]]:
-    """Every tensor `layer` holds for its tokens, by kind ("keys", "values", "other"), found by walking its attributes
-    (not the list `memory` counts): the mask and its layout, fixed per layer, are left out."""
-    held = {"keys": [], "values": [], "other": []}
-    for name, value in vars(layer).items():
-        if name != "channel_mask" and isinstance(value, torch.Tensor):
-            kind = "keys" if name.endswith("keys") else "values" if name.endswith("values") else "other"
-            held[kind].append(value)
-    return held
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors`."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
 
 
 def test_memory_report_equals_tensors_held():

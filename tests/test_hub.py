@@ -19,8 +19,8 @@ from leank_hf.card import render_card
 from leank_hf.hub import hub_id_from_url, push_masks
 
 from .conftest import tiny_model
+from .helpers import REFERENCE_MASKS, RecordingApi, aligned_mask
 from .hub_server import HubServer, closed_port_url
-from .test_masks import REFERENCE_MASKS, aligned_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD = (
@@ -101,31 +101,6 @@ def test_local_directory_wins_and_bad_paths_are_named(tmp_path):
         os.chdir(cwd)
     with pytest.raises(FileNotFoundError, match="no LeanK mask directory"):
         LeanKMasks.from_pretrained(tmp_path / "missing" / "deeper")
-
-
-class RecordingApi:
-    """Stands in for `HfApi`, recording each call and what the uploaded folder held."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
-        self.uploaded: dict[str, bytes] = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", {k: v for k, v in kwargs.items() if k != "folder_path"}))
-        self.uploaded = {p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()}
-
-        class Commit:
-            commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
-            pr_url = None
-
-        return Commit()
 
 
 def test_push_to_hub_creates_the_repo_and_uploads_once():

@@ -17,8 +17,7 @@ from leank_hf.kernels import LeanKAttention
 from leank_hf.static_layer import StaticLeanKLayer
 
 from .conftest import FAMILIES, tiny_model
-from .test_cache_generate import keep_all, left_padded_batch, pruned
-from .test_cache_layer import storage_bytes, tensors_held
+from .helpers import keep_all, left_padded_batch, pruned, storage_bytes, tensors_held
 from .tolerances import assert_close
 
 # Every row's prompt holds at least sink + recent + block_size = 16 real tokens (WINDOWS).

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from leank_hf.kernels import ChannelLayout, NewTokens, PrunedKV, leank_attention_reference
 from leank_hf.kernels.decode import DecodeTuning, LeanKDecoder, leank_decode_triton, supports
 
-from .test_cache_layer import random_mask
+from .helpers import random_mask
 from .tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
