@@ -73,7 +73,7 @@ class LeanKCache(Cache):
             )
         self.max_cache_len = max_cache_len
         self._tokens_seen = self._prompt_tokens = 0  # per row, padding included: see `_count_tokens`
-        self.masks, self.spec = masks, spec
+        self.masks = masks
         self.sink, self.recent, self.block_size = sink, recent, block_size
 
         prunes = max_cache_len is None or _fixed_stores_save_memory(masks, spec, sink, recent, block_size,
