@@ -11,7 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 # `AttentionInterface` function, which is what LeanK hooks into. Keys are `model_type`s of the text config.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 
-# Layer types that LeanK prunes; every other type (sliding, chunked) keeps transformers' own cache layer.
+# Layer types that LeanK prunes; every other type (sliding) keeps transformers' own cache layer.
 LEANK_LAYER_TYPE = "full_attention"
 
 
@@ -24,7 +24,6 @@ class ModelSpec:
         architecture: class name used in error messages, e.g. ``"LlamaForCausalLM"``.
         num_layers: decoder layers.
         num_kv_heads: key/value heads per layer.
-        num_q_heads: query heads per layer.
         head_dim: channels per head.
         layer_types: per layer, transformers' layer type (``"full_attention"``, ``"sliding_attention"``, ...).
         sliding_window: window of the sliding layers, if any.
@@ -34,7 +33,6 @@ class ModelSpec:
     architecture: str
     num_layers: int
     num_kv_heads: int
-    num_q_heads: int
     head_dim: int
     layer_types: tuple[str, ...]
     sliding_window: int | None = None
@@ -65,7 +63,6 @@ class ModelSpec:
             architecture=architecture,
             num_layers=text.num_hidden_layers,
             num_kv_heads=getattr(text, "num_key_value_heads", None) or num_q_heads,
-            num_q_heads=num_q_heads,
             head_dim=head_dim,
             layer_types=tuple(layer_types),
             sliding_window=getattr(text, "sliding_window", None),
@@ -99,9 +96,8 @@ def warn_if_nothing_is_pruned(spec: ModelSpec, what: str) -> None:
 
 
 def _inferred_layer_types(config: PretrainedConfig) -> list[str]:
-    """Layer types of a config without `layer_types`, inferred the way transformers' `DynamicCache` does."""
+    """Layer types of a config without `layer_types`, inferred the way transformers' `DynamicCache` does (none of
+    the supported families has chunked attention)."""
     if getattr(config, "sliding_window", None) is not None:
         return ["sliding_attention"] * config.num_hidden_layers
-    if getattr(config, "attention_chunk_size", None) is not None:
-        return ["chunked_attention"] * config.num_hidden_layers
     return [LEANK_LAYER_TYPE] * config.num_hidden_layers

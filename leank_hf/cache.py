@@ -24,9 +24,9 @@ class LeanKCache(Cache):
 
     Pass it to `generate` (or a forward) as `cache` from transformers 5.24 on (`past_key_values` still works there,
     with a deprecation warning), as `past_key_values` before. Constructing it switches `model` to the ``"leank"``
-    attention implementation, which runs exact SDPA for the prefill and pruned attention afterwards; with any other
-    cache the model keeps behaving exactly like SDPA. Sliding-window layers (Gemma3) keep transformers' own layers
-    (the static ones with `max_cache_len`).
+    attention implementation, which runs the model's own attention (eager or SDPA) for the prefill and pruned
+    attention afterwards; with any other cache the model keeps behaving exactly as before. Sliding-window layers
+    (Gemma3) keep transformers' own layers (the static ones with `max_cache_len`).
 
     Args:
         masks: the channel masks, made for this model.
@@ -74,7 +74,7 @@ class LeanKCache(Cache):
             )
         self.max_cache_len = max_cache_len
         self._tokens_seen = self._prompt_tokens = 0  # per row, padding included: see `_count_tokens`
-        self.masks, self.spec = masks, spec
+        self.masks = masks
         self.sink, self.recent, self.block_size = sink, recent, block_size
 
         prunes = max_cache_len is None or _fixed_stores_save_memory(masks, spec, sink, recent, block_size,

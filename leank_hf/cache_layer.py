@@ -433,11 +433,15 @@ class LeanKLayer(CacheLayerMixin):
             return LayerMemory(layer_idx, "leank", 0, 0, 0, 0, 0)
         key_bytes = held_bytes(self.sink_keys, self.middle_keys, self.recent_keys)
         value_bytes = held_bytes(self.sink_values, self.middle_values, self.recent_values)
-        other_bytes = held_bytes(self.sink_lengths, self.middle_valid, self.middle_start, self.recent_valid)
+        other_bytes = held_bytes(*self._bookkeeping())
         batch, heads, _, head_dim = self.recent_keys.shape
         dense = 2 * batch * heads * self._stored_count() * head_dim * self.recent_keys.element_size()
         reserved = key_bytes + value_bytes + other_bytes - self._bytes_in_use()
         return LayerMemory(layer_idx, "leank", key_bytes, value_bytes, other_bytes, reserved, dense)
+
+    def _bookkeeping(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors besides keys and values that this layer holds: validity flags, sink lengths, middle starts."""
+        return self.sink_lengths, self.middle_valid, self.middle_start, self.recent_valid
 
     def _stored_count(self) -> int:
         """Tokens stored per row, padding included (what a `DynamicLayer` would hold)."""

@@ -141,11 +141,6 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, json_bytes(data, Path(path).name))
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    return json_from_bytes(path.read_bytes(), path)
-
-
 def json_from_bytes(data: bytes, path: str | os.PathLike) -> dict[str, Any]:
     """Parse the bytes of the JSON file `path` (named in errors): a UTF-8 JSON object, strict (no NaN)."""
     fix = "the file is corrupt; re-save or re-download it"

@@ -189,6 +189,11 @@ class StaticLeanKLayer(LeanKLayer):
         if self._frozen:
             raise ValueError("a LeanKCache with max_cache_len keeps its batch size once filled; use one without it")
 
+    def _bookkeeping(self) -> tuple[torch.Tensor | None, ...]:
+        if not self._frozen:
+            return super()._bookkeeping()
+        return (*super()._bookkeeping(), *self._step_state())
+
     def _stored_count(self) -> int:
         return self.max_cache_len  # what a `StaticLayer` holds from its first token on
 
@@ -198,4 +203,8 @@ class StaticLeanKLayer(LeanKLayer):
         # Every store is in use but the middle slots of positions not reached yet.
         unused = (self.max_cache_len - int(self._position)) / (self.max_cache_len - self._middle_base)
         reserved = int(unused * held_bytes(self.middle_keys, self.middle_values, self.middle_valid))
-        return held_bytes(*self._stores()) - reserved
+        return held_bytes(*self._stores(), *self._step_state()) - reserved
+
+    def _step_state(self) -> tuple[torch.Tensor, ...]:
+        """What compiled steps read besides the stores: the device scalars and every ring and middle slot's number."""
+        return self._position, self._middle_length, self._ring_slots, self._middle_slots

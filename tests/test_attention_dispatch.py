@@ -13,7 +13,7 @@ from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.compat import cache_kwargs
 
 from .conftest import _COMMON, tiny_model
-from .test_cache_generate import keep_all, left_padded_batch, pruned
+from .helpers import assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
 
 
 def dynamic_logits(model, inputs) -> torch.Tensor:
@@ -91,3 +91,14 @@ def test_a_model_with_only_sliding_layers_is_said_to_prune_nothing():
     assert masks.to_dense().all()
     with pytest.warns(UserWarning, match="a LeanKCache would prune nothing"):
         LeanKCache(keep_all(model), model)
+
+
+def test_an_eager_model_decodes_left_padded_rows_as_with_a_dynamic_cache():
+    """Eager attention hands LeanK an additive float mask: its padding must be read as padding, as SDPA's boolean one
+    is (padding longer than the sink in row 2), or the LeanK decode steps attend to pad tokens."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    inputs = left_padded_batch([40, 23, 9], model.config.vocab_size)
+    dense, leank, cache = generate_both(model, keep_all(model), inputs)
+    assert torch.equal(dense, leank)
+    assert_pruned_path_ran(cache)

@@ -8,57 +8,12 @@ import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from leank_hf import LeanKCache, LeanKMasks, ModelSpec
-from leank_hf.cache_layer import LeanKLayer
+from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.compat import cache_kwargs
 
 from .conftest import FAMILIES, tiny_model
-from .test_cache_layer import random_mask
+from .helpers import WINDOWS, assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
 from .tolerances import assert_close
-
-# Small windows so that a few dozen tokens cross many flush boundaries.
-WINDOWS = {"sink": 4, "recent": 8, "block_size": 4}
-
-
-def keep_all(model, **windows) -> LeanKMasks:
-    spec = ModelSpec.from_config(model.config)
-    mask = torch.ones(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype=torch.bool)
-    return LeanKMasks(mask, layer_types=spec.layer_types, **{**WINDOWS, **windows})
-
-
-def pruned(model, seed: int = 0) -> LeanKMasks:
-    spec = ModelSpec.from_config(model.config)
-    generator = torch.Generator().manual_seed(seed)
-    mask = torch.ones(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype=torch.bool)
-    for layer in spec.leank_layers:
-        mask[layer] = random_mask(spec.num_kv_heads, spec.head_dim, 16, generator)
-    return LeanKMasks(mask, layer_types=spec.layer_types, **WINDOWS)
-
-
-def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        input_ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=generator)
-        attention_mask[row, width - n :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def generate_both(model, masks, inputs, **kwargs):
-    """(DynamicCache output, LeanKCache output, the LeanK cache) of the same generate call."""
-    common = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0, **kwargs}
-    dense = model.generate(**inputs, **cache_kwargs(DynamicCache(config=model.config)), **common)
-    cache = LeanKCache(masks, model)
-    leank = model.generate(**inputs, **cache_kwargs(cache), **common)
-    return dense, leank, cache
-
-
-def assert_pruned_path_ran(cache: LeanKCache) -> None:
-    leank_layers = [layer for layer in cache.layers if isinstance(layer, LeanKLayer)]
-    assert leank_layers, "no LeanK layer"
-    assert all(layer.view().middle_len > 0 for layer in leank_layers), "no token reached the middle store"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

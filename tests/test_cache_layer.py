@@ -6,83 +6,15 @@ import copy
 
 import pytest
 import torch
-from transformers.masking_utils import sdpa_mask
+from transformers.cache_utils import DynamicLayer
 
-from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
 from leank_hf.kernels import LeanKAttention
 from leank_hf.kernels import layout as layout_module
-from leank_hf.memory import held_bytes
 
-from .dense_reference import dense_leank_attention, window_sizes
+from .dense_reference import window_sizes
+from .helpers import drive_layer, random_mask, storage_bytes, tensors_held
 from .tolerances import assert_close
-
-
-class FakeAttention(torch.nn.Module):
-    """What transformers' SDPA function reads from an attention module."""
-
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.num_key_value_groups = groups
-        self.is_causal = True
-
-
-def random_mask(heads: int, head_dim: int, align: int, generator: torch.Generator, prune_head: int | None = 0):
-    """Random keep-mask with aligned per-head counts (0 to head_dim) and optionally one fully pruned head."""
-    mask = torch.zeros(heads, head_dim, dtype=torch.bool)
-    for h in range(heads):
-        units = int(torch.randint(0, head_dim // align + 1, (1,), generator=generator))
-        if h == prune_head:
-            units = 0
-        elif units == 0:
-            units = 1
-        mask[h, torch.randperm(head_dim, generator=generator)[: units * align]] = True
-    return mask
-
-
-def drive_layer(
-    layer: LeanKLayer,
-    step_lengths: list[int],
-    left_pad: list[int],
-    num_q_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    generator: torch.Generator,
-    device: torch.device | str = "cpu",
-    skip_causal_mask: bool = True,
-):
-    """Feed random steps through `layer` via the attention function; yield (step, output, expected, query_valid).
-
-    Masks are what transformers builds for SDPA: None where causality alone describes the step and nothing is padded
-    (`skip_causal_mask`, as in `generate`), else a boolean mask."""
-    batch, heads = len(left_pad), layer.channel_mask.shape[0]
-    total = sum(step_lengths)
-    keys = torch.randn(batch, heads, total, head_dim, generator=generator).to(device, dtype)
-    values = torch.randn(batch, heads, total, head_dim, generator=generator).to(device, dtype)
-    queries = torch.randn(batch, num_q_heads, total, head_dim, generator=generator).to(device, dtype)
-    valid = torch.ones(batch, total, dtype=torch.bool, device=device)
-    for row, pad in enumerate(left_pad):
-        valid[row, :pad] = False
-    module = FakeAttention(num_q_heads // heads)
-    scaling = head_dim**-0.5
-    start = 0
-    windows = window_sizes(step_lengths, layer.recent, layer.block_size)
-    for index, (n, window) in enumerate(zip(step_lengths, windows, strict=True)):
-        end = start + n
-        step, _ = layer.update(keys[:, :, start:end], values[:, :, start:end], 0)
-        mask = sdpa_mask(
-            batch_size=batch, q_length=n, kv_length=end, q_offset=start, attention_mask=valid[:, :end],
-            allow_is_causal_skip=skip_causal_mask, device=device,
-        )  # fmt: skip
-        output, weights = leank_attention_forward(module, queries[:, :, start:end], step, step, mask, scaling=scaling)
-        assert weights is None
-        expected = dense_leank_attention(
-            queries[:, :, start:end], keys[:, :, :end], values[:, :, :end], valid[:, :end], start, window,
-            layer.channel_mask.to(device), layer.sink, scaling,
-        )  # fmt: skip
-        yield index, output.transpose(1, 2), expected, valid[:, start:end]
-        start = end
-
 
 CASES = [
     # (sink, recent, block, steps, left padding per row, q heads, kv heads, head_dim, align)
@@ -231,25 +163,31 @@ def test_middle_store_holds_only_kept_channels_and_no_full_keys(write_block, mon
 def test_memory_report_equals_tensors_held():
     generator = torch.Generator().manual_seed(2)
     mask = random_mask(2, 32, 8, generator)
-    layer = LeanKLayer(mask, sink=4, recent=8, block_size=4)
-    for _ in drive_layer(layer, [100] + [1] * 37, [0, 5], 4, 32, torch.bfloat16, generator):
+    sink, recent, block, steps, rows, heads, head_dim = 4, 8, 4, [100] + [1] * 37, 2, 2, 32
+    layer = LeanKLayer(mask, sink=sink, recent=recent, block_size=block)
+    for _ in drive_layer(layer, steps, [0, 5], 4, head_dim, torch.bfloat16, generator):
         pass
     report = layer.memory(0)
-    assert report.key_bytes == held_bytes(layer.sink_keys, layer.middle_keys, layer.recent_keys)
-    assert report.value_bytes == held_bytes(layer.sink_values, layer.middle_values, layer.recent_values)
-    assert report.other_bytes == held_bytes(
-        layer.sink_lengths, layer.middle_valid, layer.middle_start, layer.recent_valid
-    )
-    kept = int(mask.sum())
-    value_heads = int((mask.sum(-1) > 0).sum())
-    # Exact byte count of what the layer must hold: 2 rows, bf16.
-    middle = layer.middle_keys.shape[2]
-    window = layer.recent_keys.shape[2]
-    expected_keys = 2 * 2 * (2 * 4 * 32 + middle * kept + 2 * window * 32)
-    expected_values = 2 * 2 * (2 * 4 * 32 + value_heads * middle * 32 + 2 * window * 32)
-    assert report.key_bytes == expected_keys
-    assert report.value_bytes == expected_values
-    assert report.dense_bytes == 2 * 2 * 2 * layer.seq_len * 32 * 2
+    held = tensors_held(layer)
+    assert report.key_bytes == storage_bytes(held["keys"])
+    assert report.value_bytes == storage_bytes(held["values"])
+    assert report.other_bytes == storage_bytes(held["other"])
+    # What the definition holds (bf16, 2 bytes): every row's `sink` real tokens and the window at full width, the
+    # tokens between them (padding included: rows are stored side by side) on the kept channels, their values for
+    # the heads that keep one; a flag per middle and window token, a sink length and a middle start per row.
+    tokens, window = sum(steps), window_sizes([*steps, 0], recent, block)[-1]
+    middle = tokens - sink - window
+    kept, value_heads = int(mask.sum()), int(mask.any(-1).sum())
+    in_use = rows * (
+        2 * (2 * heads * head_dim * (sink + window) + kept * middle + value_heads * head_dim * middle)
+        + middle + window + 2 * 8
+    )  # fmt: skip
+    assert report.total_bytes - report.reserved_bytes == in_use
+    # The stock layer, given the same steps, holds what `dense_bytes` says.
+    dynamic = DynamicLayer()
+    for n in steps:
+        dynamic.update(*(torch.zeros(rows, heads, n, head_dim, dtype=torch.bfloat16) for _ in "kv"))
+    assert report.dense_bytes == storage_bytes([dynamic.keys]) + storage_bytes([dynamic.values])
 
 
 def test_growth_is_amortised_and_reserved_capacity_small():

@@ -4,44 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leank_hf import LeanKCache, LeanKMasks, select_channels
 from leank_hf.attention import observing
 from leank_hf.calibration import ChannelStats
 
 from .conftest import tiny_model
-from .test_cache_generate import left_padded_batch
-
-
-def independent_scores(model, input_ids, attention_mask) -> torch.Tensor:
-    """Post-RoPE |q| (group-averaged) and |k| means over real tokens, recomputed from each layer's projections."""
-    captured = {}
-
-    def capture(module, args, kwargs):
-        captured[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
-
-    handles = [layer.self_attn.register_forward_pre_hook(capture, with_kwargs=True) for layer in model.model.layers]
-    with torch.no_grad():
-        model(input_ids=input_ids, attention_mask=attention_mask)
-    for handle in handles:
-        handle.remove()
-    config = model.config
-    scores = []
-    real = attention_mask.bool()
-    for index, layer in enumerate(model.model.layers):
-        hidden, (cos, sin) = captured[index]
-        attn = layer.self_attn
-        batch, tokens, _ = hidden.shape
-        q = attn.q_proj(hidden).view(batch, tokens, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(hidden).view(batch, tokens, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        group = config.num_attention_heads // config.num_key_value_heads
-        abs_q = q.abs().reshape(batch, config.num_key_value_heads, group, tokens, -1).mean(2)
-        mean_q = abs_q.permute(0, 2, 1, 3)[real].mean(0)  # [H, D]
-        mean_k = k.abs().permute(0, 2, 1, 3)[real].mean(0)
-        scores.append(mean_q * mean_k)
-    return torch.stack(scores)
+from .helpers import independent_scores, left_padded_batch
 
 
 def test_scores_match_independent_computation_with_padding():

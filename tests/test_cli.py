@@ -26,9 +26,8 @@ from leank_hf.training import LeanKMaskCallback
 from leank_hf.training.recipe import MaskLearningArguments
 
 from .conftest import tiny_llama
+from .helpers import RecordingApi, aligned_mask
 from .hub_server import closed_port_url
-from .test_hub import RecordingApi
-from .test_masks import aligned_mask
 
 
 def test_inspect_a_shipped_repo(capsys, tmp_path):

@@ -28,7 +28,7 @@ from leank_hf.eval import (
 )
 
 from .conftest import tiny_llama, tiny_model
-from .test_calibration import independent_scores
+from .helpers import independent_scores
 
 
 def test_agreement_metrics():

@@ -12,9 +12,16 @@ from leank_hf.cache_layer import LeanKLayer
 from leank_hf.compat import cache_kwargs
 
 from .conftest import tiny_model
-from .test_cache_generate import assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
-from .test_cache_layer import drive_layer, random_mask
-from .test_masks import REFERENCE_MASKS
+from .helpers import (
+    REFERENCE_MASKS,
+    assert_pruned_path_ran,
+    drive_layer,
+    generate_both,
+    keep_all,
+    left_padded_batch,
+    pruned,
+    random_mask,
+)
 from .tolerances import assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -15,11 +15,12 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from leank_hf import LeanKCache, LeanKMasks, zoo_names
+from leank_hf.card import render_card
 from leank_hf.hub import hub_id_from_url, push_masks
 
 from .conftest import tiny_model
+from .helpers import REFERENCE_MASKS, RecordingApi, aligned_mask
 from .hub_server import HubServer, closed_port_url
-from .test_masks import REFERENCE_MASKS, aligned_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD = (
@@ -100,31 +101,6 @@ def test_local_directory_wins_and_bad_paths_are_named(tmp_path):
         os.chdir(cwd)
     with pytest.raises(FileNotFoundError, match="no LeanK mask directory"):
         LeanKMasks.from_pretrained(tmp_path / "missing" / "deeper")
-
-
-class RecordingApi:
-    """Stands in for `HfApi`, recording each call and what the uploaded folder held."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
-        self.uploaded: dict[str, bytes] = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", {k: v for k, v in kwargs.items() if k != "folder_path"}))
-        self.uploaded = {p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()}
-
-        class Commit:
-            commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
-            pr_url = None
-
-        return Commit()
 
 
 def test_push_to_hub_creates_the_repo_and_uploads_once():
@@ -260,9 +236,34 @@ def test_hub_ids_are_read_only_from_hub_model_urls():
         assert hub_id_from_url(url) is None
 
 
-def test_shipped_cards_are_rendered():
-    card = (ROOT / "hub_cards" / "zoo" / "llama-3.1-8b-instruct" / "README.md").read_text()
-    assert "base_model: meta-llama/Llama-3.1-8B-Instruct" in card and "47 of 256" in card and "68.1%" in card
+SHIPPED = sorted(path.name for path in (ROOT / "hub_cards" / "zoo").iterdir() if path.is_dir())
+
+
+def test_every_shipped_repo_is_a_zoo_name():
+    assert zoo_names() == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_cards_are_what_the_renderer_makes_of_their_masks(name):
+    """Each committed card is `render_card` of its repo's masks now: a stale card or a broken field fails here
+    (rebuild with `bash hub_cards/build_zoo.sh`)."""
+    directory = ROOT / "hub_cards" / "zoo" / name
+    rendered = render_card(LeanKMasks.from_pretrained(directory))
+    assert rendered.splitlines() == (directory / "README.md").read_text(encoding="utf-8").splitlines()
+
+
+def test_the_llama_card_states_the_papers_mask_figures():
+    """Figures counted independently of the renderer: 47 of the 256 KV heads keep no channel, and the K cache at
+    32K tokens holds the kept share of the middle plus sink and recent at full width."""
+    masks = LeanKMasks.from_pretrained("llama-3.1-8b-instruct")
+    kept = masks.to_dense().sum(-1)
+    assert int((kept == 0).sum()) == 47 and kept.numel() == 256
+    tokens = 32768
+    full = masks.sink + masks.recent
+    k_saved = 1 - (full + (tokens - full) * masks.to_dense().float().mean().item()) / tokens
+    card = (ROOT / "hub_cards" / "zoo" / "llama-3.1-8b-instruct" / "README.md").read_text(encoding="utf-8")
+    assert "base_model: meta-llama/Llama-3.1-8B-Instruct" in card and "| 47 of 256 |" in card
+    assert f"| K cache saved at {tokens} tokens | {k_saved:.1%} |" in card
 
 
 def test_drawing_cards_and_plots_leaves_the_users_matplotlib_alone(tmp_path):

@@ -16,21 +16,7 @@ from safetensors.torch import save, save_file
 from leank_hf import LeanKMasks
 from leank_hf.masks import CONFIG_NAME, MASKS_NAME
 
-# ../shared/reference_masks beside the checkout, or wherever LEANK_REFERENCE_MASKS points (e.g. on a GPU machine).
-REFERENCE_MASKS = Path(
-    os.environ.get("LEANK_REFERENCE_MASKS", Path(__file__).resolve().parents[2] / "shared" / "reference_masks")
-)
-
-
-def aligned_mask(layers=2, heads=3, head_dim=32, seed=0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(layers, heads, head_dim, dtype=torch.bool)
-    for layer in range(layers):
-        for head in range(heads):
-            count = 16 * int(torch.randint(0, 3, (1,), generator=generator))
-            mask[layer, head, torch.randperm(head_dim, generator=generator)[:count]] = True
-    return mask
-
+from .helpers import REFERENCE_MASKS, aligned_mask
 
 DROP = object()  # a value for edit_config: delete the field
 

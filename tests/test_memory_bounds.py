@@ -14,7 +14,7 @@ from leank_hf import LeanKCache
 from leank_hf.compat import cache_kwargs
 
 from .conftest import tiny_llama, tiny_model
-from .test_cache_generate import WINDOWS, keep_all, left_padded_batch, pruned
+from .helpers import WINDOWS, keep_all, left_padded_batch, pruned
 
 
 class BytesPerStep(StoppingCriteria):

@@ -17,7 +17,7 @@ import torch
 from leank_hf import LeanKMasks
 from leank_hf.masks import CONFIG_NAME, MASKS_NAME
 
-from .test_masks import aligned_mask
+from .helpers import aligned_mask
 
 REPO_FILES = {CONFIG_NAME, MASKS_NAME, "README.md", "mask_heatmap.png"}
 OLD = LeanKMasks(aligned_mask(seed=0), base_model="org/old", model_type="llama", method={"name": "old"})

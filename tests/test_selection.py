@@ -22,7 +22,8 @@ def test_ratio_and_alignment_are_exact(keep_ratio, shape, align):
     mask = select_channels(scores, keep_ratio, align)
     counts = mask.sum(-1)
     assert (counts % align == 0).all()
-    assert int(mask.sum()) == round(keep_ratio * scores.numel() / align) * align
+    # The total is the multiple of `align` nearest to the asked share (either one on a tie).
+    assert abs(int(mask.sum()) - keep_ratio * scores.numel()) <= align / 2
 
 
 def test_keeps_the_highest_scores_of_each_head():

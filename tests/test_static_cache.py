@@ -17,7 +17,7 @@ from leank_hf.kernels import LeanKAttention
 from leank_hf.static_layer import StaticLeanKLayer
 
 from .conftest import FAMILIES, tiny_model
-from .test_cache_generate import keep_all, left_padded_batch, pruned
+from .helpers import keep_all, left_padded_batch, pruned, storage_bytes, tensors_held
 from .tolerances import assert_close
 
 # Every row's prompt holds at least sink + recent + block_size = 16 real tokens (WINDOWS).
@@ -118,7 +118,17 @@ def test_memory_report_of_fixed_stores():
     report = cache.memory_report()
     assert report.baseline == "StaticCache"
     assert report.dense_bytes == sum(layer.keys.nbytes + layer.values.nbytes for layer in stock.layers)
-    assert 0 < report.reserved_bytes < report.total_bytes
+    fed = inputs["input_ids"].shape[1] + GREEDY["max_new_tokens"] - 1  # the last new token is not fed
+    for index, layer in enumerate(cache.layers):
+        assert isinstance(layer, StaticLeanKLayer)
+        memory, held = layer.memory(index), tensors_held(layer)
+        assert memory.key_bytes == storage_bytes(held["keys"])
+        assert memory.value_bytes == storage_bytes(held["values"])
+        assert memory.other_bytes == storage_bytes(held["other"])
+        # Reserved: the middle slots (kept key channels, values of heads keeping one, a flag) of positions not reached.
+        mask = layer.channel_mask
+        slot = 4 * (int(mask.sum()) + int(mask.any(-1).sum()) * mask.shape[1]) + 1
+        assert memory.reserved_bytes == len(LENGTHS) * (64 - fed) * slot
 
 
 @pytest.mark.parametrize(

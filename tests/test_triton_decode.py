@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from leank_hf.kernels import ChannelLayout, NewTokens, PrunedKV, leank_attention_reference
 from leank_hf.kernels.decode import DecodeTuning, LeanKDecoder, leank_decode_triton, supports
 
-from .test_cache_layer import random_mask
+from .helpers import random_mask
 from .tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -245,12 +245,19 @@ def test_merge_tiles_of_every_split_count_bucket(monkeypatch, slots, tile):
     assert (splits > 128) == (slots == 150)
 
 
-def test_merge_tile_buckets_at_their_edges():
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+def test_merge_tiles_hold_the_splits_in_a_few_buckets(head_dim):
+    """A merge program reads every split in one step up to 128 (more take steps of 128), in the smallest power-of-two
+    tile of at least 16 that holds them, so that split counts share a few compiled merges; its channel tile is a
+    power of two that divides the head. Which channel tile each bucket takes is tuning (`_MERGE_CHANNELS`)."""
     from leank_hf.kernels.decode import _merge_tile
 
-    tiles = [_merge_tile(splits, 128) for splits in (1, 16, 17, 32, 33, 64, 65, 128, 129, 150)]
-    assert tiles == [(16, 64)] * 2 + [(32, 32)] * 2 + [(64, 32)] * 2 + [(128, 16)] * 4
-    assert _merge_tile(5, 16) == (16, 16), "a channel tile never wider than the head"
+    tiles = {splits: _merge_tile(splits, head_dim) for splits in range(1, 301)}
+    for splits, (split_tile, channel_tile) in tiles.items():
+        assert split_tile in (16, 32, 64, 128), splits
+        assert split_tile >= min(splits, 128) and (split_tile == 16 or split_tile // 2 < splits), splits
+        assert channel_tile & (channel_tile - 1) == 0 and head_dim % channel_tile == 0, splits
+    assert len(set(tiles.values())) == 4
 
 
 def test_heads_keeping_none_few_and_all_channels_share_one_launch():
@@ -482,10 +489,13 @@ def test_middle_splits_cover_the_tokens_and_fill_whole_waves(rows, middle_len, s
 
 
 def test_middle_splits_at_batch_8_on_an_h100():
-    """8 rows x 6.5 heads keeping channels, 3 x 132 programs held at once: 15 splits fill two waves to 98.5 %."""
+    """8 rows x 6.5 heads keeping channels, 3 x 132 programs held at once: the default tuning fills two waves to at
+    least 98 % (one wave would be filled to 92 %, by 7 splits), and nothing is read where nothing is held."""
     from leank_hf.kernels.decode import _middle_splits
 
-    assert _middle_splits(DecodeTuning(), 52, 32000, 396) == (2144, 15)
+    split_tokens, splits = _middle_splits(DecodeTuning(), 52, 32000, 396)
+    assert (splits - 1) * split_tokens < 32000 <= splits * split_tokens
+    assert 0.98 * 2 * 396 <= 52 * splits <= 2 * 396
     assert _middle_splits(DecodeTuning(), 0, 32000, 396)[1] == 0
     assert _middle_splits(DecodeTuning(), 52, 0, 396)[1] == 0
 

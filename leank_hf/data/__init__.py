@@ -16,7 +16,6 @@ from typing import Literal
 
 Split = Literal["train", "heldout"]
 
-PROSE_SOURCE = "Lewis Carroll, Alice's Adventures in Wonderland (1865), public domain; Project Gutenberg edition 2.9"
 _HELDOUT_FIRST_CHAPTER = "CHAPTER X."
 
 

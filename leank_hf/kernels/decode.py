@@ -142,8 +142,8 @@ def _new_token(
     return m_new, l_i, acc
 
 
-# Lengths change every step: never specialise on them (Triton otherwise recompiles when one becomes divisible by 16).
-# Measured before this: Llama-3.1-8B config, 32K context, batch 4 decoded at 0.70x DynamicCache; after it, 1.94x.
+# Lengths change every step: never specialise on them (Triton otherwise recompiles when one becomes divisible by 16,
+# in the middle of decoding).
 @triton.jit(
     do_not_specialize=[
         "batch", "num_rows", "sink_slots", "middle_len", "window_len", "split_tokens", "middle_splits",
@@ -281,11 +281,9 @@ _MERGE_CHANNELS = {16: 64, 32: 32, 64: 32, 128: 16}  # channels per merge progra
 
 def _merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
     """(splits, channels) one merge program reduces per step. Splits: the split count rounded up to a power of two
-    in [16, 128] (a few buckets, so lengths never recompile it); fewer splits leave room for more channels. On an
-    H100 this took the merge from 2.4 to 2.1 us at batch 1 (63 splits) and from 6.4 to 3.6 us at batch 32 (10 splits)
-    against one 64 x head_dim tile (benchmarks/results/decode_merge_tiles_h100.txt); reading up to 128 splits in one
-    step instead of two steps of 64 took it from 1.9-2.6 to 1.6-1.9 us at batch 1 from 32K tokens
-    (`benchmarks/merge_share.py`, side by side: benchmarks/results/merge_share_tile128_ab_h100.txt)."""
+    in [16, 128] (a few buckets, so lengths never recompile it; up to 128 splits are read in one step, faster than two
+    steps of 64); fewer splits leave room for more channels. Both beat one 64 x head_dim tile at every batch measured
+    (BENCHMARKS.md, section 1)."""
     block_s = min(128, max(16, 1 << (num_splits - 1).bit_length()))
     return block_s, min(head_dim, _MERGE_CHANNELS[block_s])
 
@@ -350,7 +348,7 @@ def _resident_programs(kernel, device: torch.device) -> int:
 @functools.cache
 def _dependent_launch(device: torch.device) -> bool:
     """Whether the merge launches as a programmatic dependent of the split kernel (Hopper and later): it then starts
-    while the split kernel's last programs run instead of after it, ~1 us per step on an H100."""
+    while the split kernel's last programs run instead of after it."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
@@ -408,9 +406,9 @@ class LeanKDecoder:
     """`leank_decode_triton` for one layer, step after step, with its host-side set-up paid once instead of per step.
 
     Eager decoding launches every kernel of every layer from the host in turn, so host time per layer adds to the
-    time per token. Set up from scratch, a decode call took ~150 us of host time on the lent H100 machine against
-    ~25 us for SDPA; about half went to Triton binding and specialising the kernels' arguments, the rest to strides,
-    the split plan and checks. A decoder keeps the launch constants, the split plan (it changes only when the middle
+    time per token. Set up from scratch, a decode call costs several times SDPA's host time (BENCHMARKS.md, section
+    2a): about half in Triton binding and specialising the kernels' arguments, the rest in strides, the split plan
+    and checks. A decoder keeps the launch constants, the split plan (it changes only when the middle
     grows, every `block_size` steps) and the compiled kernels. Each call reads what Triton specialises a compiled
     kernel on (dtypes, strides, pointer alignment, the layout) and, while that matches the last call's, launches the
     compiled kernels directly, without Triton's per-call binding, specialisation and cache lookup; otherwise it checks

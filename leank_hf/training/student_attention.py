@@ -118,11 +118,9 @@ def masked_answer_attention(
 
 
 def _allowed(mask: torch.Tensor | None, batch: int, queries: int, keys: int, device: torch.device) -> torch.Tensor:
-    """`[B, A, K]` bool from transformers' attention mask (bool or additive), or causal with queries at the end."""
+    """`[B, A, K]` bool from transformers' attention mask, or causal with queries at the end. The mask is boolean:
+    ``"leank_student"`` is registered with SDPA's mask function (`register`)."""
     if mask is None:
         rows = torch.arange(keys - queries, keys, device=device)[:, None]
         return (torch.arange(keys, device=device)[None, :] <= rows).expand(batch, queries, keys)
-    mask = mask[:, 0]
-    if mask.dtype != torch.bool:
-        mask = mask > torch.finfo(mask.dtype).min / 2
-    return mask.expand(batch, queries, keys)
+    return mask[:, 0].expand(batch, queries, keys)
