@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .architectures import ModelSpec, warn_if_nothing_is_pruned
 from .attention import observing
+from .hub import as_hub_id
 from .masks import LeanKMasks
 from .selection import select_channels
 
@@ -68,7 +69,8 @@ def calibrate(
             mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     mask = select_channels(stats.scores(), keep_ratio, align, layers=spec.leank_layers)
-    config.setdefault("base_model", getattr(model.config, "_name_or_path", None) or None)
+    # A model loaded from a local folder knows only that folder: a path is never recorded as the Hub id.
+    config.setdefault("base_model", as_hub_id(getattr(model.config, "_name_or_path", None) or None))
     config.setdefault("base_model_revision", getattr(model.config, "_commit_hash", None))
     method = {
         "name": "calibration",

@@ -485,7 +485,12 @@ def _read_config(data: bytes, path: Path) -> dict[str, Any]:
             "masks with leank-hf (or restore the file)"
         )
     version = config["format_version"]
-    if not _is_int(version) or version != FORMAT_VERSION:
+    if not _is_int(version):
+        raise ValueError(
+            f"{path}: format_version must be an integer (this leank-hf reads version {FORMAT_VERSION}), got "
+            f"{version!r}; the file was edited by hand: re-save or re-download it"
+        )
+    if version != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version {version!r}; this leank-hf reads version {FORMAT_VERSION}. Upgrade "
             "leank-hf or re-save the masks with this version."

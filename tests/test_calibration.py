@@ -61,3 +61,17 @@ def test_channel_stats_ignore_layers_outside_the_spec():
     stats = ChannelStats(ModelSpec.from_config(model.config))
     stats.add(0, torch.ones(1, 4, 3, 32), torch.ones(1, 2, 3, 32), None)
     assert stats.tokens[0] == 0
+
+
+def test_a_model_loaded_from_a_folder_records_no_path_as_its_base_model(tmp_path):
+    """A local folder is not a Hub id: the masks say nothing rather than a path a card would link to."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert model.config._name_or_path == str(tmp_path)
+    masks = LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.5)
+    assert masks.base_model is None
+    assert LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), base_model="org/model").base_model == (
+        "org/model"
+    )

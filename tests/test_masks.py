@@ -156,8 +156,8 @@ def test_half_written_repo_is_detected(tmp_path):
     ("edit", "match"),
     [
         ({"format_version": 99}, "format_version 99"),
-        ({"format_version": True}, "format_version True"),  # True == 1 in Python
-        ({"format_version": "1"}, "format_version '1'"),
+        ({"format_version": True}, "format_version must be an integer .* got True"),  # True == 1 in Python
+        ({"format_version": "1"}, "format_version must be an integer .* got '1'"),
         ({"masks_sha256": DROP}, "lacks the field.*masks_sha256"),  # it used to turn verification off
         ({"sink": DROP, "evaluation": DROP}, "lacks the field.*sink, evaluation"),
         ({"masks_sha256": "abc"}, "masks_sha256 must be the SHA-256"),
