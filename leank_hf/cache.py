@@ -72,7 +72,7 @@ class LeanKCache(Cache):
                 f"max_cache_len must be a positive int (the most tokens a row holds: prompt plus new tokens), got "
                 f"{max_cache_len!r}"
             )
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self._tokens_seen = self._prompt_tokens = 0  # per row, padding included: see `_count_tokens`
         self.masks = masks
         self.sink, self.recent, self.block_size = sink, recent, block_size
@@ -97,7 +97,7 @@ class LeanKCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[Any, Any]:
-        if self.max_cache_len is not None and layer_idx == 0 and not torch.compiler.is_compiling():
+        if self._max_cache_len is not None and layer_idx == 0 and not torch.compiler.is_compiling():
             self._count_tokens(key_states.shape[2])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -107,14 +107,14 @@ class LeanKCache(Cache):
         Counted on the host by eager steps only: a step compiled into a CUDA graph runs no Python, so there the
         prompt is checked (at the prefill, which is eager) and the new tokens must fit, as with a `StaticCache`."""
         stored = self._tokens_seen
-        if stored + count > self.max_cache_len:
+        if stored + count > self._max_cache_len:
             if stored == 0:
                 raise ValueError(
                     f"the prompt ({count} tokens per row, padding included) does not fit max_cache_len="
-                    f"{self.max_cache_len}: give max_cache_len at least the prompt length plus max_new_tokens"
+                    f"{self._max_cache_len}: give max_cache_len at least the prompt length plus max_new_tokens"
                 )
             raise ValueError(
-                f"max_cache_len={self.max_cache_len} is full: the rows hold {stored} tokens (a prompt of "
+                f"max_cache_len={self._max_cache_len} is full: the rows hold {stored} tokens (a prompt of "
                 f"{self._prompt_tokens} and {stored - self._prompt_tokens} new ones) and this step adds {count}. Give "
                 "max_cache_len at least the prompt length plus max_new_tokens"
             )
@@ -144,7 +144,7 @@ class LeanKCache(Cache):
         """Bytes held per layer and in total, against what the stock cache would hold: a `DynamicCache` for the same
         tokens, or with `max_cache_len` a `StaticCache` of that length."""
         layers = tuple(_layer_memory(i, layer) for i, layer in enumerate(self.layers))
-        return MemoryReport(layers, baseline="DynamicCache" if self.max_cache_len is None else "StaticCache")
+        return MemoryReport(layers, baseline="DynamicCache" if self._max_cache_len is None else "StaticCache")
 
     def __repr__(self) -> str:
         return (
