@@ -73,7 +73,7 @@ class LeanKCache(Cache):
                 f"{max_cache_len!r}"
             )
         self._max_cache_len = max_cache_len
-        self._tokens_seen = self._prompt_tokens = 0  # per row, padding included: see `_count_tokens`
+        self._prompt_tokens = 0  # per row, padding included, for `_check_room`'s message
         self.masks = masks
         self.sink, self.recent, self.block_size = sink, recent, block_size
 
@@ -92,39 +92,45 @@ class LeanKCache(Cache):
             for i, layer_type in enumerate(spec.layer_types)
         ]
         super().__init__(layers=layers)
+        self._full_layer = next((i for i, kind in enumerate(spec.layer_types) if kind == LEANK_LAYER_TYPE), 0)
         attention.enable(model)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[Any, Any]:
         if self._max_cache_len is not None and layer_idx == 0 and not torch.compiler.is_compiling():
-            self._count_tokens(key_states.shape[2])
+            self._check_room(key_states.shape[2])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def _count_tokens(self, count: int) -> None:
-        """Refuse a step that would not fit `max_cache_len`, before anything is written.
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """As transformers' `Cache.get_mask_sizes`; with `max_cache_len`, also where a step that would not fit is
+        refused: `generate` asks this on the host before every step, also before a step compiled into a CUDA graph,
+        which runs no Python in `update`."""
+        if self._max_cache_len is not None and not torch.compiler.is_compiling():
+            self._check_room(query_length)
+        return super().get_mask_sizes(query_length, layer_idx)
 
-        Counted on the host by eager steps only: a step compiled into a CUDA graph runs no Python, so there the
-        prompt is checked (at the prefill, which is eager) and the new tokens must fit, as with a `StaticCache`."""
-        stored = self._tokens_seen
-        if stored + count > self._max_cache_len:
-            if stored == 0:
-                raise ValueError(
-                    f"the prompt ({count} tokens per row, padding included) does not fit max_cache_len="
-                    f"{self._max_cache_len}: give max_cache_len at least the prompt length plus max_new_tokens"
-                )
+    def _check_room(self, count: int) -> None:
+        """Refuse a step of `count` tokens per row that would not fit `max_cache_len`, before anything is written.
+
+        The tokens held are read from the first full-attention layer, where compiled steps count them on the device
+        (reading them waits for the GPU, which `generate` has done already by then: it reads each step's stopping
+        criteria). A forward you compile whole yourself is not checked, as with a `StaticCache`."""
+        held = int(self.get_seq_length(self._full_layer))
+        if held + count <= self._max_cache_len:
+            if held == 0:
+                self._prompt_tokens = count
+            return
+        if held == 0:
             raise ValueError(
-                f"max_cache_len={self._max_cache_len} is full: the rows hold {stored} tokens (a prompt of "
-                f"{self._prompt_tokens} and {stored - self._prompt_tokens} new ones) and this step adds {count}. Give "
-                "max_cache_len at least the prompt length plus max_new_tokens"
+                f"the prompt ({count} tokens per row, padding included) does not fit max_cache_len="
+                f"{self._max_cache_len}: give max_cache_len at least the prompt length plus max_new_tokens"
             )
-        if stored == 0:
-            self._prompt_tokens = count
-        self._tokens_seen = stored + count
-
-    def reset(self) -> None:
-        super().reset()
-        self._tokens_seen = 0
+        raise ValueError(
+            f"max_cache_len={self._max_cache_len} is full: the rows hold {held} tokens (a prompt of "
+            f"{self._prompt_tokens} and {held - self._prompt_tokens} new ones) and this step adds {count}. Give "
+            "max_cache_len at least the prompt length plus max_new_tokens"
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained: str | os.PathLike, model: PreTrainedModel, **kwargs: Any) -> LeanKCache:

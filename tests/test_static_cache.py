@@ -166,18 +166,30 @@ def test_bad_max_cache_len(max_cache_len):
 
 
 @pytest.mark.parametrize("masks", [pruned, keep_all], ids=["fixed-leank-stores", "kept-full-like-a-static-cache"])
-def test_too_small_max_cache_len_is_named_at_the_step_that_would_overflow(masks):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_too_small_max_cache_len_is_named_at_the_step_that_would_overflow(masks, family, compiled):
+    """Compiled decode steps run no Python in `update`; the step that would overflow is still refused before it runs
+    (Gemma3: transformers asks mask sizes twice per step, once per mask kind, and each step counts once)."""
+    model = tiny_model(family)
     inputs = left_padded_batch([30, 20], model.config.vocab_size)
+    settings = {**GREEDY, "max_new_tokens": 20}
+    if compiled:
+        config = CompileConfig(backend="aot_eager", fullgraph=True)
+        config._compile_all_devices = True  # generate compiles only on accelerators unless told
+        settings["compile_config"] = config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # keep-all masks keep full keys at any length, and say so
         cache = LeanKCache(masks(model), model, max_cache_len=40)
         short_cache = LeanKCache(masks(model), model, max_cache_len=29)
+        fitting_cache = LeanKCache(masks(model), model, max_cache_len=50)
     message = r"max_cache_len=40 is full: the rows hold 40 tokens \(a prompt of 30 and 10 new ones\) and this step"
     with pytest.raises(ValueError, match=message):
-        model.generate(**inputs, **cache_kwargs(cache), **{**GREEDY, "max_new_tokens": 20})
+        model.generate(**inputs, **cache_kwargs(cache), **settings)
     with pytest.raises(ValueError, match="the prompt \\(30 tokens per row, padding included\\) does not fit"):
-        model.generate(**inputs, **cache_kwargs(short_cache), **GREEDY)
+        model.generate(**inputs, **cache_kwargs(short_cache), **settings)
+    out = model.generate(**inputs, **cache_kwargs(fitting_cache), **settings)  # exactly full: no step refused
+    assert out.shape[1] == 50
 
 
 def test_without_max_cache_len_generate_does_not_compile():
