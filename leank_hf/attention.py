@@ -148,6 +148,23 @@ def observing(model: PreTrainedModel, observer: AttentionObserver) -> Iterator[A
                 model.set_attn_implementation(switch.original)
 
 
+@contextlib.contextmanager
+def attending_with(model: PreTrainedModel, implementation: str) -> Iterator[None]:
+    """Within the block `model` attends with `implementation` (a registered name); afterwards it has the one it had.
+
+    For code that drives the model itself, a forward at a time (mask learning's student). Not for two threads that
+    use one model at once: the implementation is the model's, not the thread's (see `observing` for that)."""
+    original = model.config._attn_implementation
+    if original == implementation:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
 def leank_mask(*args, config: PretrainedConfig, **kwargs):
     """The mask the fallback implementation takes (eager: additive float; SDPA: boolean), which LeanK's own path
     reads too (`new_token_validity`)."""

@@ -147,6 +147,21 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def answer_batch(vocab: int, prompt_lengths: list[int], answer: int, pad_left: bool, seed: int = 0) -> dict:
+    """Padded rows of random prompts followed by `answer` labelled tokens (labels -100 elsewhere)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = max(prompt_lengths) + answer
+    ids = torch.zeros(len(prompt_lengths), total, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, length in enumerate(prompt_lengths):
+        tokens = torch.randint(3, vocab, (length + answer,), generator=generator)
+        span = slice(total - length - answer, total) if pad_left else slice(0, length + answer)
+        ids[row, span], mask[row, span] = tokens, 1
+        labels[row, span.start + length : span.start + length + answer] = tokens[length:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def generate_both(model, masks, inputs, **kwargs):
     """(DynamicCache output, LeanKCache output, the LeanK cache) of the same generate call."""
     common = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0, **kwargs}

@@ -1,5 +1,6 @@
-"""The "leank" attention implementation borrows the model: other caches run the model's own implementation, and
-calibrating a model does not disturb a generation running on it in another thread."""
+"""LeanK borrows the model: other caches run the model's own implementation after a LeanK cache, calibration and
+mask learning hand the model back as they found it, and calibrating a model does not disturb a generation running
+on it in another thread."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from leank_hf import LeanKCache, LeanKMasks
 from leank_hf.compat import cache_kwargs
+from leank_hf.training import prepare_for_mask_learning
 
 from .conftest import _COMMON, tiny_model
-from .helpers import assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
+from .helpers import answer_batch, assert_pruned_path_ran, generate_both, keep_all, left_padded_batch, pruned
 
 
 def dynamic_logits(model, inputs) -> torch.Tensor:
@@ -52,6 +54,20 @@ def test_calibration_leaves_the_implementation_as_it_found_it():
     model.set_attn_implementation("eager")
     LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.5)
     assert model.config._attn_implementation == "eager"
+
+
+def test_mask_learning_hands_the_model_back_between_forwards():
+    """A training step runs the student's attention; afterwards the eager model generates with a DynamicCache exactly
+    as before, bit for bit."""
+    model = tiny_model("llama").requires_grad_(False)  # as mask learning leaves it (frozen weights round differently)
+    model.set_attn_implementation("eager")
+    inputs = left_padded_batch([20, 13], model.config.vocab_size)
+    before = dynamic_logits(model, inputs)
+    learner = prepare_for_mask_learning(model, sink=4, recent=8)
+    learner(**answer_batch(model.config.vocab_size, [30, 19], answer=5, pad_left=True)).loss.backward()
+    assert learner.channel_scales.grad.abs().sum() > 0, "the student's attention did not run"
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(dynamic_logits(model, inputs), before)
 
 
 def test_calibration_and_generation_on_one_model_in_two_threads():

@@ -23,24 +23,10 @@ from leank_hf.training.recipe import MaskLearningArguments
 from leank_hf.training.student_attention import masked_answer_attention
 
 from .conftest import FAMILIES, tiny_llama, tiny_model
+from .helpers import answer_batch
 from .tolerances import assert_close
 
 SINK, RECENT = 4, 8
-
-
-def answer_batch(vocab: int, prompt_lengths: list[int], answer: int, pad_left: bool, seed: int = 0) -> dict:
-    """Padded rows of random prompts followed by `answer` labelled tokens (labels -100 elsewhere)."""
-    generator = torch.Generator().manual_seed(seed)
-    total = max(prompt_lengths) + answer
-    ids = torch.zeros(len(prompt_lengths), total, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for row, length in enumerate(prompt_lengths):
-        tokens = torch.randint(3, vocab, (length + answer,), generator=generator)
-        span = slice(total - length - answer, total) if pad_left else slice(0, length + answer)
-        ids[row, span], mask[row, span] = tokens, 1
-        labels[row, span.start + length : span.start + length + answer] = tokens[length:]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def test_teacher_sees_each_row_as_an_unpadded_forward_would():

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..architectures import ModelSpec
+from ..attention import attending_with
 from ..compat import cache_kwargs
 from ..hub import as_hub_id
 from ..masks import LeanKMasks
@@ -98,7 +99,6 @@ class MaskLearner(nn.Module):
         self.register_state_dict_post_hook(_drop_model_weights)
         self.register_load_state_dict_post_hook(_ignore_missing_model_weights)
         student_attention.register()
-        model.set_attn_implementation(student_attention.STUDENT_IMPLEMENTATION)
 
     def train(self, mode: bool = True) -> MaskLearner:
         super().train(mode)
@@ -124,6 +124,29 @@ class MaskLearner(nn.Module):
         )
         key_positions = torch.cat([prompt_positions.masked_fill(batch.prompt_mask == 0, -1), answer_positions], dim=1)
         full_mask = torch.cat([batch.prompt_mask, batch.answer_mask], dim=1)
+        middle = (key_positions[:, None, :] >= self.sink) & (
+            answer_positions[:, :, None] - key_positions[:, None, :] > self.recent
+        )
+        with attending_with(self.model, student_attention.STUDENT_IMPLEMENTATION):  # borrowed for this forward
+            teacher, student = self._teacher_and_student(batch, prompt_positions, answer_positions, full_mask, middle)
+        weight = batch.loss_mask[..., None].float()
+        distillation = ((student.float() - teacher.float()) ** 2 * weight).sum() / (weight.sum() * student.shape[-1])
+        l1 = self.channel_scales.abs().mean()
+        loss = distillation + self.l1_weight * l1
+        if self.training:
+            self._terms.append(torch.stack([distillation.detach(), l1.detach()]))
+        return MaskLearnerOutput(loss=loss, distillation=distillation.detach(), l1=l1.detach())
+
+    def _teacher_and_student(
+        self,
+        batch: _AnswerBatch,
+        prompt_positions: torch.Tensor,
+        answer_positions: torch.Tensor,
+        full_mask: torch.Tensor,
+        middle: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer tokens' final hidden states, `[B, A, hidden]`, of the full model and of the student, after one
+        prefill of the prompts that both share."""
         decoder = self.model.base_model
         cache = PromptCache(self.spec.num_layers)
         with torch.no_grad():
@@ -138,18 +161,9 @@ class MaskLearner(nn.Module):
                 **cache_kwargs(cache),
             }
             teacher = decoder(**answer_inputs).last_hidden_state
-        middle = (key_positions[:, None, :] >= self.sink) & (
-            answer_positions[:, :, None] - key_positions[:, None, :] > self.recent
-        )
         with student_step(StudentStep(middle, self._channels_function())):
             student = decoder(**answer_inputs).last_hidden_state
-        weight = batch.loss_mask[..., None].float()
-        distillation = ((student.float() - teacher.float()) ** 2 * weight).sum() / (weight.sum() * student.shape[-1])
-        l1 = self.channel_scales.abs().mean()
-        loss = distillation + self.l1_weight * l1
-        if self.training:
-            self._terms.append(torch.stack([distillation.detach(), l1.detach()]))
-        return MaskLearnerOutput(loss=loss, distillation=distillation.detach(), l1=l1.detach())
+        return teacher, student
 
     def _channels_function(self):
         """`layer -> (multiplier, dropped)` for this forward's stage (see `StudentStep.channels`)."""
