@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save
 
 from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
+from .calibration import calibrate
 from .card import CARD_NAME, HEATMAP_NAME, heatmap_png, render_card
 from .io import (
     atomic_write_bytes,
@@ -260,20 +261,14 @@ class LeanKMasks:
             tokenizer: needed when `input_ids` is a list of strings.
             attention_mask: `[batch, tokens]` padding mask for `input_ids`, 1 = real token.
             batch_size: sequences per forward pass.
-            **config: other `LeanKMasks` fields (`sink`, `recent`, `block_size`, `base_model`, ...).
+            **config: other `LeanKMasks` fields (`sink`, `recent`, `block_size`, `base_model`, ...); they win over
+                what calibration records (`calibration.calibrate`).
         """
-        from .calibration import calibrate
-
-        return calibrate(
-            model,
-            input_ids,
-            keep_ratio=keep_ratio,
-            align=align,
-            tokenizer=tokenizer,
-            attention_mask=attention_mask,
+        mask, made = calibrate(
+            model, input_ids, keep_ratio, align, tokenizer=tokenizer, attention_mask=attention_mask,
             batch_size=batch_size,
-            **config,
-        )
+        )  # fmt: skip
+        return cls(mask, **{**made, **config})
 
     # ------------------------------------------------------------------------------------------------ I/O
     def to_config_dict(self) -> dict[str, Any]:
