@@ -25,8 +25,10 @@ from huggingface_hub.utils import validate_repo_id
 if TYPE_CHECKING:
     from .masks import LeanKMasks
 
+from .repo_files import CONFIG_NAME, MASKS_NAME
+
 # Files of a mask repo that loading needs (the card and its image are for people).
-REPO_FILES = ("leank_config.json", "leank_masks.safetensors")
+REPO_FILES = (CONFIG_NAME, MASKS_NAME)
 
 LOG_IN = "log in with `hf auth login`, set HF_TOKEN, or pass token="
 

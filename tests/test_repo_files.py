@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from leank_hf import LeanKMasks
-from leank_hf.masks import CONFIG_NAME, MASKS_NAME
+from leank_hf.repo_files import CONFIG_NAME, MASKS_NAME
 
 from .helpers import aligned_mask
 
