@@ -1,10 +1,13 @@
-"""`LeanKMasks`: the static per-layer, per-KV-head key-channel masks and the window settings that go with them."""
+"""`LeanKMasks`: the static per-layer, per-KV-head key-channel masks and the window settings that go with them.
+
+A validated value: its fields, what follows from them, its config dict and whether it fits a model. Saving, loading
+and pushing a mask repo are inherited from `MaskRepoMixin` (`repo_mixin`); the calibration heuristic lives in
+`calibration`, which knows nothing of this class.
+"""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,9 +18,8 @@ import torch
 
 from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
 from .calibration import calibrate
-from .card import heatmap_png, render_card
-from .hub import push_masks, resolve_repo
-from .repo_files import FORMAT_VERSION, RepoBytes, encode_masks, load_repo, write_repo
+from .repo_files import FORMAT_VERSION
+from .repo_mixin import MaskRepoMixin
 from .selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
 from .windows import DEFAULT_WINDOWS, WindowConfig
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, eq=False)
-class LeanKMasks:
+class LeanKMasks(MaskRepoMixin):
     """Binary keep-masks over the post-RoPE key channels of every layer and KV head, plus the cache windows.
 
     At decode, the first `sink` tokens and the latest `recent` tokens of a sequence keep full keys and values;
@@ -252,7 +254,7 @@ class LeanKMasks:
         )  # fmt: skip
         return cls(mask, **{**made, **config})
 
-    # ------------------------------------------------------------------------------------------------ I/O
+    # ---------------------------------------------------------------------------------------------- config
     def to_config_dict(self) -> dict[str, Any]:
         """The `leank_config.json` content (without the checksum of the masks file)."""
         return {
@@ -272,73 +274,6 @@ class LeanKMasks:
             "method": self.method,
             "evaluation": list(self.evaluation),
         }
-
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, repo_id: str | None = None, overwrite_card: bool = False
-    ) -> None:
-        """Write the mask repo into `save_directory`: config, masks, heatmap PNG and (if absent) a model card.
-
-        Whatever happens (a crash, a power loss, an error, other saves to the same folder), the folder loads as the
-        repo it held before or as the new one (`repo_files.write_repo`). Every file is rendered in memory first, so a
-        value that cannot be saved (NaN in an evaluation row) raises before anything changes. An existing README.md
-        is kept (it may have been edited by hand) unless `overwrite_card`; `repo_id` names the repo in a new card's
-        usage snippet.
-        """
-        masks_bytes, config_bytes = encode_masks(self)
-        card = render_card(self, repo_id).encode("utf-8")
-        files = RepoBytes(masks=masks_bytes, config=config_bytes, card=card, heatmap=heatmap_png(self))
-        write_repo(Path(save_directory), files, overwrite_card=overwrite_card)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        commit_message: str | None = None,
-    ) -> str:
-        """Create `repo_id` on the Hub if needed and upload this mask repo with its card in one commit.
-
-        The repo is saved to a temporary folder and uploaded once. Returns the commit (or pull request) URL.
-        """
-        return push_masks(
-            self, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
-            commit_message=commit_message,
-        )  # fmt: skip
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        **overrides: Any,
-    ) -> LeanKMasks:
-        """Load a mask repo: a local directory, a shipped mask by short name (`leank_hf.zoo_names()`), or a Hub repo.
-
-        Hub downloads go through `huggingface_hub.snapshot_download` (its cache, `HF_HUB_OFFLINE`, `HF_ENDPOINT`).
-        Parsing is memoised on the files' content, so loading again only reads, compares and copies two small files;
-        each call returns its own masks (an in-place edit by one caller never shows in another's).
-        `overrides` replace saved fields, e.g. ``recent=768``.
-        """
-        directory = resolve_repo(
-            pretrained, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-            force_download=force_download,
-        )  # fmt: skip
-        shared = load_repo(cls, directory)
-        return dataclasses.replace(
-            shared,
-            channel_mask=shared.channel_mask.clone(),
-            method=copy.deepcopy(shared.method),
-            evaluation=copy.deepcopy(shared.evaluation),
-            **overrides,
-        )
 
 
 def _as_keep_mask(mask: object) -> torch.Tensor:
