@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 from .architectures import ModelSpec, warn_if_nothing_is_pruned
 from .attention import observing
 from .hub import as_hub_id
-from .masks import LeanKMasks
 from .selection import select_channels
 
 if TYPE_CHECKING:
@@ -56,9 +55,13 @@ def calibrate(
     tokenizer: PreTrainedTokenizerBase | None = None,
     attention_mask: torch.Tensor | None = None,
     batch_size: int = 1,
-    **config: Any,
-) -> LeanKMasks:
-    """Implementation of `LeanKMasks.from_calibration` (see there)."""
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The calibrated `[layers, kv_heads, head_dim]` keep-mask of `model`, and the `LeanKMasks` fields that say what
+    it was made for and how (`align`, `layer_types`, `model_type`, `base_model`, `base_model_revision`, `method`).
+
+    Behind `LeanKMasks.from_calibration` (the arguments are explained there), which builds the masks from these:
+    this module scores and selects channels and knows nothing of the masks class.
+    """
     spec = ModelSpec.from_model(model)
     warn_if_nothing_is_pruned(spec, "calibrated masks")
     input_ids, attention_mask = _as_token_batch(input_ids, attention_mask, tokenizer)
@@ -69,18 +72,21 @@ def calibrate(
             mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     mask = select_channels(stats.scores(), keep_ratio, align, layers=spec.leank_layers)
-    # A model loaded from a local folder knows only that folder: a path is never recorded as the Hub id.
-    config.setdefault("base_model", as_hub_id(getattr(model.config, "_name_or_path", None) or None))
-    config.setdefault("base_model_revision", getattr(model.config, "_commit_hash", None))
     method = {
         "name": "calibration",
         "score": "mean|q_c| * mean|k_c| over real tokens, q averaged over the KV group",
         "keep_ratio": keep_ratio,
         "tokens": int(stats.tokens.max()),
     }
-    return LeanKMasks(
-        mask, align=align, layer_types=spec.layer_types, model_type=spec.model_type, method=method, **config
-    )
+    return mask, {
+        "align": align,
+        "layer_types": spec.layer_types,
+        "model_type": spec.model_type,
+        # A model loaded from a local folder knows only that folder: a path is never recorded as the Hub id.
+        "base_model": as_hub_id(getattr(model.config, "_name_or_path", None) or None),
+        "base_model_revision": getattr(model.config, "_commit_hash", None),
+        "method": method,
+    }
 
 
 def _as_token_batch(

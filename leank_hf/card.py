@@ -18,8 +18,6 @@ from .memory import estimate_memory
 if TYPE_CHECKING:
     from .masks import LeanKMasks
 
-CARD_NAME = "README.md"
-HEATMAP_NAME = "mask_heatmap.png"
 # Context length at which the card quotes memory savings: long enough that sink + recent are a small share.
 CARD_CONTEXT = 32768
 

@@ -1,17 +1,18 @@
-"""Where mask repos come from (a local folder, the shipped zoo, or the Hugging Face Hub) and how they are pushed."""
+"""Where mask repos come from (a local folder, the shipped zoo, or the Hugging Face Hub), Hub ids, and what a refused
+or failed push means to the user."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
-import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from huggingface_hub import HfApi, constants, get_token, snapshot_download
+from huggingface_hub import constants, get_token, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -22,11 +23,10 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-if TYPE_CHECKING:
-    from .masks import LeanKMasks
+from .repo_files import CONFIG_NAME, MASKS_NAME
 
 # Files of a mask repo that loading needs (the card and its image are for people).
-REPO_FILES = ("leank_config.json", "leank_masks.safetensors")
+REPO_FILES = (CONFIG_NAME, MASKS_NAME)
 
 LOG_IN = "log in with `hf auth login`, set HF_TOKEN, or pass token="
 
@@ -106,53 +106,30 @@ def resolve_repo(
     return Path(folder)
 
 
-def push_masks(
-    masks: LeanKMasks,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    api: HfApi | None = None,
-) -> str:
-    """Create `repo_id` if needed and upload the saved mask repo (with its card) in one commit; return its URL.
-
-    Failures the user can fix are raised as `OSError` (no token, token refused, Hub unreachable) or `ValueError`
-    (malformed repo id), each saying what to do, instead of the HTTP client's exceptions.
-    """
+def check_push_target(repo_id: str, token: str | None) -> None:
+    """Refuse a push that cannot succeed, before any request: a malformed repo id (`ValueError`) or no token at all
+    (`OSError`; the Hub would answer 401)."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"cannot push to {repo_id!r}: {err}") from None
-    if api is None:
-        if token is None and get_token() is None:  # the Hub would answer 401; say why before any request
-            raise OSError(f"pushing {repo_id!r} to the Hub needs a Hugging Face token with write access: {LOG_IN}")
-        api = HfApi(token=token)
+    if token is None and get_token() is None:
+        raise OSError(f"pushing {repo_id!r} to the Hub needs a Hugging Face token with write access: {LOG_IN}")
+
+
+@contextlib.contextmanager
+def push_errors(repo_id: str) -> Iterator[None]:
+    """Turn the Hub's refusals and network failures inside the block into `OSError`s that say what to do, instead of
+    the HTTP client's exceptions."""
     try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory(prefix="leank-push-") as folder:
-            masks.save_pretrained(folder, repo_id=repo_id)
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                repo_type="model",
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=commit_message or f"Upload LeanK masks (keep ratio {masks.keep_ratio:.3f})",
-            )
+        yield
     except HfHubHTTPError as err:
         raise _push_refused(err, repo_id) from err
     except _transport_errors() as err:
-        endpoint = getattr(api, "endpoint", constants.ENDPOINT)
         raise OSError(
-            f"could not reach the Hugging Face Hub at {endpoint} to push {repo_id!r} ({type(err).__name__}: {err}); "
-            "check the network connection (and proxy), and HF_ENDPOINT if you set it"
+            f"could not reach the Hugging Face Hub at {constants.ENDPOINT} to push {repo_id!r} "
+            f"({type(err).__name__}: {err}); check the network connection (and proxy), and HF_ENDPOINT if you set it"
         ) from err
-    return str(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or repo_url)
 
 
 def _push_refused(err: HfHubHTTPError, repo_id: str) -> OSError:

@@ -1,13 +1,13 @@
-"""`LeanKMasks`: the static per-layer, per-KV-head key-channel masks and the window settings that go with them."""
+"""`LeanKMasks`: the static per-layer, per-KV-head key-channel masks and the window settings that go with them.
+
+A validated value: its fields, what follows from them, its config dict and whether it fits a model. Saving, loading
+and pushing a mask repo are inherited from `MaskRepoMixin` (`repo_mixin`); the calibration heuristic lives in
+`calibration`, which knows nothing of this class.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import functools
-import hashlib
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,35 +15,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save
 
 from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
-from .card import CARD_NAME, HEATMAP_NAME, heatmap_png, render_card
-from .io import (
-    atomic_write_bytes,
-    directory_lock,
-    json_bytes,
-    json_from_bytes,
-    replace_durably,
-    safetensors_from_bytes,
-    temp_glob,
-)
+from .calibration import calibrate
+from .repo_files import FORMAT_VERSION
+from .repo_mixin import MaskRepoMixin
 from .selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
 from .windows import DEFAULT_WINDOWS, WindowConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-CONFIG_NAME = "leank_config.json"
-MASKS_NAME = "leank_masks.safetensors"
-FORMAT_VERSION = 1
-_MASK_TENSOR = "channel_mask"
-# Where a save puts the new masks until the config naming their SHA-256 is in place (see save_pretrained).
-_PENDING_MASKS = ".leank_masks.{}.safetensors"
-
 
 @dataclass(frozen=True, eq=False)
-class LeanKMasks:
+class LeanKMasks(MaskRepoMixin):
     """Binary keep-masks over the post-RoPE key channels of every layer and KV head, plus the cache windows.
 
     At decode, the first `sink` tokens and the latest `recent` tokens of a sequence keep full keys and values;
@@ -260,22 +245,16 @@ class LeanKMasks:
             tokenizer: needed when `input_ids` is a list of strings.
             attention_mask: `[batch, tokens]` padding mask for `input_ids`, 1 = real token.
             batch_size: sequences per forward pass.
-            **config: other `LeanKMasks` fields (`sink`, `recent`, `block_size`, `base_model`, ...).
+            **config: other `LeanKMasks` fields (`sink`, `recent`, `block_size`, `base_model`, ...); they win over
+                what calibration records (`calibration.calibrate`).
         """
-        from .calibration import calibrate
-
-        return calibrate(
-            model,
-            input_ids,
-            keep_ratio=keep_ratio,
-            align=align,
-            tokenizer=tokenizer,
-            attention_mask=attention_mask,
+        mask, made = calibrate(
+            model, input_ids, keep_ratio, align, tokenizer=tokenizer, attention_mask=attention_mask,
             batch_size=batch_size,
-            **config,
-        )
+        )  # fmt: skip
+        return cls(mask, **{**made, **config})
 
-    # ------------------------------------------------------------------------------------------------ I/O
+    # ---------------------------------------------------------------------------------------------- config
     def to_config_dict(self) -> dict[str, Any]:
         """The `leank_config.json` content (without the checksum of the masks file)."""
         return {
@@ -296,97 +275,6 @@ class LeanKMasks:
             "evaluation": list(self.evaluation),
         }
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, *, repo_id: str | None = None, overwrite_card: bool = False
-    ) -> None:
-        """Write the mask repo into `save_directory`: config, masks, heatmap PNG and (if absent) a model card.
-
-        Whatever happens (a crash, a power loss, an error, other saves to the same folder), the folder loads as the
-        repo it held before or as the new one. Every file is rendered in memory first, so a value that cannot be
-        saved (NaN in an evaluation row) raises before anything changes. The new masks go under a hidden pending
-        name holding their SHA-256; replacing the config, which names that checksum, is the single commit point;
-        then the pending file is renamed onto the masks file (loading finds it under either name). Files and renames
-        are synced to disk, saves to one folder take turns (`directory_lock`), and each save removes what killed
-        ones left. The card and heatmap, which are for people, follow the commit. An existing README.md is kept (it
-        may have been edited by hand) unless `overwrite_card`; `repo_id` names the repo in a new card's usage snippet.
-        """
-        masks_bytes = save(
-            {_MASK_TENSOR: self.channel_mask.to(torch.uint8)},
-            metadata={"format": "pt", "source_model": self.base_model or ""},
-        )
-        sha = _sha256(masks_bytes)
-        config_bytes = json_bytes({**self.to_config_dict(), "masks_sha256": sha}, CONFIG_NAME)
-        card_bytes = render_card(self, repo_id).encode("utf-8")
-        heatmap_bytes = heatmap_png(self)
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        pending = directory / _PENDING_MASKS.format(sha)
-        with directory_lock(directory):
-            try:
-                atomic_write_bytes(pending, masks_bytes)
-                atomic_write_bytes(directory / CONFIG_NAME, config_bytes)  # the commit point
-                replace_durably(pending, directory / MASKS_NAME)
-            finally:
-                _remove_stale_files(directory)
-            atomic_write_bytes(directory / HEATMAP_NAME, heatmap_bytes)
-            if overwrite_card or not (directory / CARD_NAME).exists():
-                atomic_write_bytes(directory / CARD_NAME, card_bytes)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        commit_message: str | None = None,
-    ) -> str:
-        """Create `repo_id` on the Hub if needed and upload this mask repo with its card in one commit.
-
-        The repo is saved to a temporary folder and uploaded once. Returns the commit (or pull request) URL.
-        """
-        from .hub import push_masks
-
-        return push_masks(
-            self, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
-            commit_message=commit_message,
-        )  # fmt: skip
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-        **overrides: Any,
-    ) -> LeanKMasks:
-        """Load a mask repo: a local directory, a shipped mask by short name (`leank_hf.zoo_names()`), or a Hub repo.
-
-        Hub downloads go through `huggingface_hub.snapshot_download` (its cache, `HF_HUB_OFFLINE`, `HF_ENDPOINT`).
-        Parsing is memoised on the files' content, so loading again only reads, compares and copies two small files;
-        each call returns its own masks (an in-place edit by one caller never shows in another's).
-        `overrides` replace saved fields, e.g. ``recent=768``.
-        """
-        from .hub import resolve_repo
-
-        directory = resolve_repo(
-            pretrained, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-            force_download=force_download,
-        )  # fmt: skip
-        shared = _parse_repo(*_read_repo(directory))
-        return dataclasses.replace(
-            shared,
-            channel_mask=shared.channel_mask.clone(),
-            method=copy.deepcopy(shared.method),
-            evaluation=copy.deepcopy(shared.evaluation),
-            **overrides,
-        )
-
 
 def _as_keep_mask(mask: object) -> torch.Tensor:
     """`mask` as a contiguous CPU bool tensor; refuse shapes and values that are not a 0/1 keep-mask."""
@@ -404,141 +292,3 @@ def _as_keep_mask(mask: object) -> torch.Tensor:
             )
         mask = mask != 0
     return mask.detach().cpu().contiguous()
-
-
-def _remove_stale_files(directory: Path) -> None:
-    """Remove what failed or killed saves left: temporary files, and pending masks that the config does not name."""
-    config_path = directory / CONFIG_NAME
-    try:
-        named = _PENDING_MASKS.format(_read_config(config_path.read_bytes(), config_path)["masks_sha256"])
-    except FileNotFoundError:
-        named = None
-    except ValueError:
-        return  # the config cannot be read, so it may name any pending file: keep them
-    any_pending = _PENDING_MASKS.format("*")
-    for pattern in (any_pending, *map(temp_glob, (CONFIG_NAME, MASKS_NAME, CARD_NAME, HEATMAP_NAME, any_pending))):
-        for path in directory.glob(pattern):
-            if path.name != named:
-                path.unlink(missing_ok=True)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count
-
-
-# Fields of leank_config.json, all required: those that are also LeanKMasks fields, then those only the file has.
-_MASKS_FIELDS = tuple(f.name for f in dataclasses.fields(LeanKMasks) if f.name != "channel_mask")
-_CONFIG_FIELDS = ("format_version", "num_layers", "num_kv_heads", "head_dim", "keep_ratio", "masks_sha256")
-
-
-def _read_repo(directory: Path) -> tuple[Path, bytes, Path, bytes]:
-    """Paths and bytes of the config of the repo in `directory` and of the masks file it names by checksum.
-
-    A save commits by replacing the config; its masks wait under their pending name until renamed onto MASKS_NAME.
-    A read racing a save can miss both (the config read before the commit, the masks file after the rename), so it
-    reads once more under a shared lock on the folder, which waits for the save to end.
-    """
-    found = _read_matching_files(directory)
-    if found is None:
-        with directory_lock(directory, shared=True):
-            found = _read_matching_files(directory)
-    if found is None:
-        masks_path = directory / MASKS_NAME
-        _read_repo_file(masks_path)  # a missing file is named as such
-        raise ValueError(
-            f"{masks_path} does not match the checksum in {CONFIG_NAME}: the repo was modified or half-written; "
-            "re-save or re-download it"
-        )
-    return found
-
-
-def _read_matching_files(directory: Path) -> tuple[Path, bytes, Path, bytes] | None:
-    config_path = directory / CONFIG_NAME
-    config_bytes = _read_repo_file(config_path)
-    sha = _read_config(config_bytes, config_path)["masks_sha256"]
-    for masks_path in (directory / MASKS_NAME, directory / _PENDING_MASKS.format(sha)):
-        with contextlib.suppress(FileNotFoundError):
-            masks_bytes = masks_path.read_bytes()
-            if _sha256(masks_bytes) == sha:
-                return config_path, config_bytes, masks_path, masks_bytes
-    return None
-
-
-def _read_repo_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError) as err:
-        raise FileNotFoundError(f"{path.parent} is not a LeanK mask repo: {path.name} is missing") from err
-
-
-def _read_config(data: bytes, path: Path) -> dict[str, Any]:
-    """The config of a mask repo from its bytes, with the fields that say how to read the rest checked."""
-    config = json_from_bytes(data, path)
-    missing = [name for name in (*_CONFIG_FIELDS, *_MASKS_FIELDS) if name not in config]
-    if missing:
-        raise ValueError(
-            f"{path} lacks the field(s) {', '.join(missing)}; it is not a complete mask repo config: re-save the "
-            "masks with leank-hf (or restore the file)"
-        )
-    version = config["format_version"]
-    if not _is_int(version):
-        raise ValueError(
-            f"{path}: format_version must be an integer (this leank-hf reads version {FORMAT_VERSION}), got "
-            f"{version!r}; the file was edited by hand: re-save or re-download it"
-        )
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {version!r}; this leank-hf reads version {FORMAT_VERSION}. Upgrade "
-            "leank-hf or re-save the masks with this version."
-        )
-    sha = config["masks_sha256"]
-    if not isinstance(sha, str) or len(sha) != 64 or sha.strip("0123456789abcdef"):
-        raise ValueError(
-            f"{path}: masks_sha256 must be the SHA-256 of {MASKS_NAME} as 64 lowercase hex digits, got {sha!r:.80}; "
-            "re-save the masks"
-        )
-    return config
-
-
-@functools.lru_cache(maxsize=32)
-def _parse_repo(config_path: Path, config_bytes: bytes, masks_path: Path, masks_bytes: bytes) -> LeanKMasks:
-    """The masks of a repo whose files `_read_repo` checked; errors name the file, the field and the fix.
-
-    Memoised on the paths and the bytes (a few KB each): a file replaced behind an unchanged modification time is
-    parsed again. The result is shared by every caller with these bytes, so callers copy it.
-    """
-    config = _read_config(config_bytes, config_path)
-    fix = f"fix that field of {config_path.name} or re-save the masks"
-    for name in ("num_layers", "num_kv_heads", "head_dim"):
-        if not _is_int(config[name]):
-            raise ValueError(f"{config_path}: {name} must be an integer, got {config[name]!r:.80}; {fix}")
-    tensors = safetensors_from_bytes(masks_bytes, masks_path)
-    if _MASK_TENSOR not in tensors:
-        raise ValueError(f"{masks_path} holds no {_MASK_TENSOR!r} tensor (found {sorted(tensors)}); re-save the masks")
-    mask = tensors[_MASK_TENSOR]
-    declared = [config["num_layers"], config["num_kv_heads"], config["head_dim"]]
-    if list(mask.shape) != declared:
-        raise ValueError(
-            f"{masks_path} holds a mask of shape {list(mask.shape)} but {config_path} declares {declared} "
-            "(num_layers, num_kv_heads, head_dim); re-save the masks"
-        )
-    try:
-        masks = LeanKMasks(mask, **{name: config[name] for name in _MASKS_FIELDS})
-    except ValueError as err:
-        raise ValueError(f"{config_path}: {err}; {fix}") from err
-    keep_ratio = config["keep_ratio"]
-    # The file holds round(keep_ratio, 6); allow that rounding and nothing more.
-    if (
-        isinstance(keep_ratio, bool)
-        or not isinstance(keep_ratio, (int, float))
-        or abs(keep_ratio - masks.keep_ratio) > 1e-6
-    ):
-        raise ValueError(
-            f"{config_path}: keep_ratio is {keep_ratio!r:.80} but the mask in {masks_path.name} keeps "
-            f"{masks.keep_ratio:.6f} of the key channels; {fix}"
-        )
-    return masks

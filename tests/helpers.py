@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import RepoUrl
 from transformers import DynamicCache
 from transformers.masking_utils import sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -178,15 +179,28 @@ def assert_pruned_path_ran(cache: LeanKCache) -> None:
 
 
 class RecordingApi:
-    """Stands in for `HfApi`, recording each call and what the uploaded folder held."""
+    """Stands in for `HfApi`, recording each call, the tokens it was made with, and what the uploaded folder held.
+
+    `install(monkeypatch)` puts it in place of every `HfApi` a push makes: ModelHubMixin's and the one that creates
+    branches."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict]] = []
         self.uploaded: dict[str, bytes] = {}
+        self.tokens: list[str | None] = []
+
+    def install(self, monkeypatch) -> RecordingApi:
+        def make(token=None):
+            self.tokens.append(token)
+            return self
+
+        monkeypatch.setattr("huggingface_hub.hub_mixin.HfApi", make)
+        monkeypatch.setattr("leank_hf.repo_mixin.HfApi", make)
+        return self
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))

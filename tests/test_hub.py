@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import constants
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from leank_hf import LeanKCache, LeanKMasks, zoo_names
 from leank_hf.card import render_card
-from leank_hf.hub import hub_id_from_url, push_masks
+from leank_hf.hub import hub_id_from_url
 
 from .conftest import tiny_model
 from .helpers import REFERENCE_MASKS, RecordingApi, aligned_mask
@@ -103,56 +103,57 @@ def test_local_directory_wins_and_bad_paths_are_named(tmp_path):
         LeanKMasks.from_pretrained(tmp_path / "missing" / "deeper")
 
 
-def test_push_to_hub_creates_the_repo_and_uploads_once():
-    api = RecordingApi()
+UPLOAD_DEFAULTS = {"repo_type": "model", "allow_patterns": None, "ignore_patterns": None, "delete_patterns": None}
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_once(monkeypatch):
+    api = RecordingApi().install(monkeypatch)
     masks = LeanKMasks(aligned_mask(), base_model="someone/base")
-    url = push_masks(masks, "me/masks", private=True, api=api)
+    url = masks.push_to_hub("me/masks", private=True, token="hf_x")
     assert api.calls == [
-        ("create_repo", {"repo_id": "me/masks", "private": True, "exist_ok": True, "repo_type": "model"}),
-        ("upload_folder", {"repo_id": "me/masks", "repo_type": "model", "revision": None, "create_pr": False,
+        ("create_repo", {"repo_id": "me/masks", "private": True, "exist_ok": True}),
+        ("upload_folder", {"repo_id": "me/masks", **UPLOAD_DEFAULTS, "revision": None, "create_pr": False,
                            "commit_message": f"Upload LeanK masks (keep ratio {masks.keep_ratio:.3f})"}),
     ]  # fmt: skip
+    assert api.tokens == ["hf_x"]
     assert url == "https://huggingface.co/me/masks/commit/abc"
     assert sorted(api.uploaded) == ["README.md", "leank_config.json", "leank_masks.safetensors", "mask_heatmap.png"]
     assert 'LeanKCache.from_pretrained("me/masks", model)' in api.uploaded["README.md"].decode()
 
 
-def test_push_to_a_branch_or_as_a_pull_request():
-    api = RecordingApi()
-    push_masks(LeanKMasks(aligned_mask()), "me/masks", revision="v2", commit_message="new masks", api=api)
-    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "upload_folder"]
-    assert api.calls[1][1] == {"repo_id": "me/masks", "branch": "v2", "exist_ok": True, "repo_type": "model"}
-    assert api.calls[2][1]["revision"] == "v2" and api.calls[2][1]["commit_message"] == "new masks"
-    api = RecordingApi()
-    push_masks(LeanKMasks(aligned_mask()), "me/masks", create_pr=True, api=api)
+def test_push_to_a_branch_or_as_a_pull_request(monkeypatch):
+    api = RecordingApi().install(monkeypatch)
+    LeanKMasks(aligned_mask()).push_to_hub("me/masks", revision="v2", commit_message="new masks", token="hf_x")
+    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "create_repo", "upload_folder"]
+    assert api.calls[1][1] == {"repo_id": "me/masks", "branch": "v2", "exist_ok": True}
+    assert api.calls[3][1]["revision"] == "v2" and api.calls[3][1]["commit_message"] == "new masks"
+    api = RecordingApi().install(monkeypatch)
+    LeanKMasks(aligned_mask()).push_to_hub("me/masks", create_pr=True, token="hf_x")
     assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"] and api.calls[1][1]["create_pr"]
 
 
-def test_push_failures_say_what_to_do(tmp_path):
+def test_save_pretrained_can_push_as_the_mixins_does(monkeypatch, tmp_path):
+    api = RecordingApi().install(monkeypatch)
+    LeanKMasks(aligned_mask()).save_pretrained(tmp_path, repo_id="me/masks", push_to_hub=True, token="hf_x")
+    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"] and api.tokens == ["hf_x"]
+    assert api.uploaded == {p.name: p.read_bytes() for p in tmp_path.iterdir()}, "the folder saved is the one pushed"
+
+
+def test_push_failures_say_what_to_do(tmp_path, monkeypatch):
     """The Hub unreachable, a token refused (401) or without write access (403), a malformed repo id: each is an
     OSError / ValueError that names the fix, not the HTTP client's exception."""
     masks = LeanKMasks(aligned_mask())
+    monkeypatch.setattr(constants, "ENDPOINT", closed_port_url())
     with pytest.raises(OSError, match=r"could not reach the Hugging Face Hub at http://127.0.0.1:\d+ .*HF_ENDPOINT"):
-        push_masks(masks, "me/masks", api=HfApi(endpoint=closed_port_url(), token="hf_test"))
+        masks.push_to_hub("me/masks", token="hf_test")
     masks.save_pretrained(tmp_path)
     for status, fix in ((401, "hf auth login"), (403, "write access")):
         server = HubServer(tmp_path, "someone/masks", write_status=status)
         with server as url, pytest.raises(OSError, match=rf"\({status} .*{fix}"):
-            push_masks(masks, "me/masks", api=HfApi(endpoint=url, token="hf_test"))
+            monkeypatch.setattr(constants, "ENDPOINT", url)
+            masks.push_to_hub("me/masks", token="hf_test")
     with pytest.raises(ValueError, match="cannot push to 'me/masks/extra'"):
-        push_masks(masks, "me/masks/extra", api=HfApi(endpoint=closed_port_url(), token="hf_test"))
-
-
-def test_push_to_hub_method_builds_the_client_with_the_token(monkeypatch):
-    made = []
-
-    def fake_api(token=None):
-        made.append(token)
-        return RecordingApi()
-
-    monkeypatch.setattr("leank_hf.hub.HfApi", fake_api)
-    LeanKMasks(aligned_mask()).push_to_hub("me/masks", token="hf_x")
-    assert made == ["hf_x"]
+        masks.push_to_hub("me/masks/extra", token="hf_test")
 
 
 # ------------------------------------------------------------------------------------------------------- zoo
@@ -205,6 +206,11 @@ def test_card_holds_the_facts_and_an_existing_readme_is_kept(tmp_path):
         {"task": "passkey 2K", "full cache": 1.0, "LeanK": 0.9231}
     ]
     assert LeanKMasks.from_pretrained(tmp_path).evaluation == rows
+
+
+def test_the_mixins_card_hook_renders_our_card():
+    masks = LeanKMasks(aligned_mask(), base_model="org/base")
+    assert str(masks.generate_model_card(repo_id="me/masks")) == render_card(masks, "me/masks")
 
 
 def test_a_local_path_as_base_model_is_never_a_hub_link(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from leank_hf import LeanKMasks
-from leank_hf.masks import CONFIG_NAME, MASKS_NAME
+from leank_hf.repo_files import CONFIG_NAME, MASKS_FIELDS, MASKS_NAME
 
 from .helpers import REFERENCE_MASKS, aligned_mask
 
@@ -115,6 +116,26 @@ def test_save_and_load_round_trip(tmp_path):
     assert LeanKMasks.from_pretrained(tmp_path, recent=64).recent == 64
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["format_version"] == 1 and config["keep_ratio"] == pytest.approx(masks.keep_ratio, abs=1e-6)
+
+
+def test_the_config_file_stores_every_field_of_the_masks():
+    """repo_files lists the fields of leank_config.json itself (it does not import the masks class): a field added to
+    LeanKMasks must be added to the format too."""
+    stored = tuple(f.name for f in dataclasses.fields(LeanKMasks) if f.name != "channel_mask")
+    assert stored == MASKS_FIELDS
+
+
+def test_saving_leaves_a_models_config_json_alone_and_writes_none(tmp_path):
+    """ModelHubMixin's own save_pretrained deletes any config.json in the folder and writes one from the constructor's
+    arguments; our config is leank_config.json, and a model's config.json beside the masks stays."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    masks = LeanKMasks(aligned_mask(), sink=8, recent=32)
+    masks.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").read_text() == '{"model_type": "llama"}'
+    assert LeanKMasks.from_pretrained(tmp_path) == masks
+    with pytest.raises(ValueError, match="drop config="):
+        masks.save_pretrained(tmp_path / "other", config={"sink": 8})
+    assert not (tmp_path / "other").exists()
 
 
 def test_resave_reloads_new_content(tmp_path):

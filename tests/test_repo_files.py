@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from leank_hf import LeanKMasks
-from leank_hf.masks import CONFIG_NAME, MASKS_NAME
+from leank_hf.repo_files import CONFIG_NAME, MASKS_NAME
 
 from .helpers import aligned_mask
 
@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)  # no thread pool in the process that forks
-from leank_hf import masks as masks_module
+from leank_hf import LeanKMasks, repo_mixin
 
-masks_module.heatmap_png = lambda masks: b"\x89PNG"
+repo_mixin.heatmap_png = lambda masks: b"\x89PNG"
 old, new, work = map(Path, sys.argv[1:])
-masks = masks_module.LeanKMasks.from_pretrained(new)
+masks = LeanKMasks.from_pretrained(new)
 masks.save_pretrained(work / "warm-up")  # the first save loads what it needs before forking
 
 
@@ -185,7 +185,7 @@ def test_a_write_that_fails_leaves_the_old_or_the_new_repo_and_no_temp_files(tmp
 
 def test_racing_writers_and_a_reader_see_one_whole_repo_or_the_other(tmp_path, monkeypatch):
     # The heatmap is for people: a stand-in keeps the rounds fast.
-    monkeypatch.setattr("leank_hf.masks.heatmap_png", lambda masks: b"\x89PNG")
+    monkeypatch.setattr("leank_hf.repo_mixin.heatmap_png", lambda masks: b"\x89PNG")
     first = LeanKMasks(aligned_mask(seed=2), base_model="org/first", method={"name": "first"})
     # Same keep ratio, other channels and config: a mix of the two would pass every check but the checksum.
     second = LeanKMasks(aligned_mask(seed=2).flip(-1), base_model="org/second", method={"name": "second"})
