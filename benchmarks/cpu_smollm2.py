@@ -13,11 +13,11 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks
-from leank_hf.cli import embedded_model_path
 from leank_hf.compat import cache_kwargs
+from leank_hf.embedded import load_embedded_model
 
 
 def decode_seconds_per_token(model, ids: torch.Tensor, make_cache, new_tokens: int) -> tuple[float, object]:
@@ -43,8 +43,7 @@ def main() -> None:
     parser.add_argument("--masks", default="smollm2-135m-instruct")
     args = parser.parse_args()
 
-    directory, gguf_file = embedded_model_path()
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file).eval()
+    model, _ = load_embedded_model(device="cpu")
     masks = LeanKMasks.from_pretrained(args.masks)
     ids = torch.randint(100, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     makers = {"DynamicCache": lambda: DynamicCache(config=model.config), "LeanKCache": lambda: LeanKCache(masks, model)}

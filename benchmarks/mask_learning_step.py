@@ -11,9 +11,8 @@ import resource
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from leank_hf.cli import embedded_model_path
+from leank_hf.embedded import load_embedded_model
 from leank_hf.training import make_retrieval_dataset, prepare_for_mask_learning
 
 
@@ -23,10 +22,8 @@ def main() -> None:
     parser.add_argument("--stage", choices=["continuous", "binary"], default="binary")
     args = parser.parse_args()
 
-    directory, gguf_file = embedded_model_path()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model, tokenizer = load_embedded_model(device=device)
     learner = prepare_for_mask_learning(model)
     learner.stage, learner.keep_ratio = args.stage, 0.3
     item = make_retrieval_dataset(tokenizer, (args.tokens, args.tokens), 1)[0]

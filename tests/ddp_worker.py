@@ -11,9 +11,9 @@ import sys
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from leank_hf.cli import embedded_model_path
+from leank_hf.embedded import embedded_model_path, load_tokenizer
 from leank_hf.training import LeanKMaskCallback, make_retrieval_dataset, prepare_for_mask_learning
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
@@ -39,9 +39,7 @@ class RanksAgree(TrainerCallback):
 def main() -> None:
     output_dir, max_steps = sys.argv[1], int(sys.argv[2])
     resume = sys.argv[3] if len(sys.argv) > 3 else None
-    directory, gguf_file = embedded_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer = load_tokenizer(*embedded_model_path())
     learner = prepare_for_mask_learning(tiny_llama(len(tokenizer)), sink=4, recent=16)
     agree = RanksAgree()
     trainer = Trainer(

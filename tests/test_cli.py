@@ -109,7 +109,7 @@ ROWS = [
 @pytest.mark.parametrize("failing", [None, "leank_hf.eval.accuracy_png", "leank_hf.repo_mixin.render_card"])
 def test_eval_writes_its_outputs_and_the_record_all_or_nothing(failing, tmp_path, monkeypatch, capsys):
     """A failure while writing (the plot, the record's card) leaves --out empty and --record-in as it was."""
-    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda *args, **kwargs: (None, None))
     monkeypatch.setattr("leank_hf.eval.standard_methods", lambda *args, **kwargs: {})
     monkeypatch.setattr("leank_hf.eval.evaluate", lambda *args, **kwargs: ROWS)
     record = tmp_path / "record"
@@ -271,7 +271,9 @@ def run(argv: list[str]) -> int:
 )  # fmt: skip
 def test_inputs_are_checked_before_a_model_loads(argv, message, tmp_path, monkeypatch, capsys):
     """Bad files, mask repos, model paths and numbers fail at once, with the model loader never called."""
-    monkeypatch.setattr("leank_hf.cli.load_model", lambda args: pytest.fail("loaded a model before checking inputs"))
+    monkeypatch.setattr(
+        "leank_hf.cli.load_model", lambda *args, **kwargs: pytest.fail("loaded a model before checking inputs")
+    )
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the Hub lookup stays on this machine
     (tmp_path / "prompt.txt").write_text("Hello")
     half = torch.arange(32).expand(2, 3, 32) < 16
@@ -360,7 +362,7 @@ def test_a_diverged_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):
     def diverge(*args, **kwargs):
         raise FloatingPointError("LeanK mask learning: the loss became NaN or infinite in optimizer step 3. Lower ...")
 
-    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda *args, **kwargs: (None, None))
     monkeypatch.setattr("leank_hf.training.recipe.train_masks", diverge)
     assert main(["train", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("leank-hf train: error: LeanK mask learning: the loss became NaN")
@@ -375,7 +377,7 @@ def test_train_records_the_hub_id_a_gguf_file_names(tmp_path, monkeypatch):
     writer.write_tensors_to_file()
     writer.close()
     recorded = []
-    monkeypatch.setattr("leank_hf.cli.load_model", lambda source, dtype: (None, None))
+    monkeypatch.setattr("leank_hf.cli.load_model", lambda *args, **kwargs: (None, None))
     trained = LeanKMasks(aligned_mask())
 
     def train_masks(model, tokenizer, output_dir, arguments, resume):
