@@ -22,6 +22,7 @@ from decode_attention import HEAD_DIM, Q_HEADS, pruned_cache, step_graph_ms
 
 import leank_hf.kernels.decode as decode
 from leank_hf import LeanKMasks
+from leank_hf.kernels.decode_kernels import _merge_kernel
 
 
 def step_ms(calls: list, merge: bool) -> float:
@@ -29,7 +30,7 @@ def step_ms(calls: list, merge: bool) -> float:
     launch = decode._launch
 
     def split_only(kernel, compiled, *args):
-        return compiled if kernel is decode._merge_kernel else launch(kernel, compiled, *args)
+        return compiled if kernel is _merge_kernel else launch(kernel, compiled, *args)
 
     decode._launch = launch if merge else split_only
     try:
