@@ -206,13 +206,13 @@ def test_every_tuning_gives_the_same_attention(monkeypatch, tuning, plan):
 
     monkeypatch.setattr(decode, "_slots", lambda *args: 13)
     grids = []
-    launch = decode._launch
+    launch = decode.launch
 
     def recording_launch(kernel, compiled, grid, *args):
         grids.append((kernel, grid))
         return launch(kernel, compiled, grid, *args)
 
-    monkeypatch.setattr(decode, "_launch", recording_launch)
+    monkeypatch.setattr(decode, "launch", recording_launch)
     dtype = DTYPES[-1]
     cache = random_cache(3, 4, 64, 16, 5, 300, 140, dtype, seed=7)
     query = torch.randn(3, 8, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)

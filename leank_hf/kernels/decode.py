@@ -1,7 +1,9 @@
 """Launching the Triton decode kernels of `decode_kernels.py`: which steps they take (`supports`), the input checks, the
 split plan and the merge's tiles, and `LeanKDecoder`, which keeps one layer's launch set-up from step to step.
 
-The middle's split count fills whole waves of the programs the GPU holds at once (`_middle_splits`).
+The middle's split count fills whole waves of the programs the GPU holds at once (`_middle_splits`). The fast path
+launches the kernels Triton compiled without going through its JIT each step; what that reads of Triton's internals
+is all in `triton_gate.py`, which falls back to the JIT launch where a Triton version lacks it.
 
 `benchmarks/decode_attention.py` times it against SDPA; `benchmarks/tune_decode.py` sweeps `DecodeTuning`;
 `tests/test_triton_decode.py` checks it against the reference.
@@ -11,14 +13,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import triton
-from triton.compiler import CompiledKernel
 
 from .decode_kernels import _leank_decode_kernel, _merge_kernel
 from .layout import ChannelLayout, NewTokens, PrunedKV
+from .triton_gate import current_stream, fast_kernel, launch, resident_programs
+
+if TYPE_CHECKING:
+    from triton.compiler import CompiledKernel
 
 _LOG2E = 1.4426950408889634
 
@@ -92,28 +96,15 @@ def _cdiv(a: int, b: int) -> int:
 _SLOTS: dict[tuple, int] = {}
 
 
-def _slots(device: torch.device, constexprs: dict, options: dict, warm_up: Callable[[], CompiledKernel | None]) -> int:
-    """Programs the GPU holds at once: resident programs per multiprocessor times multiprocessors. `warm_up`
-    compiles the kernel for these constants, once per set of them (so once per layer width: lengths are not among
-    them)."""
+def _slots(device: torch.device, constexprs: dict, options: dict, warm_up: Callable[[], object]) -> int:
+    """Programs the GPU holds at once: resident programs per multiprocessor (`resident_programs`) times
+    multiprocessors. `warm_up` compiles the kernel for these constants, once per set of them (so once per layer width:
+    lengths are not among them)."""
     key = (device, *constexprs.values(), *options.values())
     if key not in _SLOTS:
-        kernel = warm_up() if device.type == "cuda" else None
-        _SLOTS[key] = _resident_programs(kernel, device) * _multiprocessors(device)
+        kernel = fast_kernel(warm_up()) if device.type == "cuda" else None
+        _SLOTS[key] = resident_programs(kernel, device) * _multiprocessors(device)
     return _SLOTS[key]
-
-
-def _resident_programs(kernel, device: torch.device) -> int:
-    """How many programs of a compiled kernel one multiprocessor holds at once, by registers and shared memory (as
-    Triton's fused-softmax tutorial computes it)."""
-    if device.type != "cuda":
-        return 1
-    kernel._init_handles()
-    properties = triton.runtime.driver.active.utils.get_device_properties(device.index)
-    threads = kernel.metadata.num_warps * properties.get("warpSize", 32)
-    by_registers = properties["max_num_regs"] // max(1, kernel.n_regs * threads)
-    by_shared_memory = properties["max_shared_mem"] // max(1, kernel.metadata.shared)
-    return max(1, min(by_registers, by_shared_memory))
 
 
 @functools.cache
@@ -182,9 +173,10 @@ class LeanKDecoder:
     and checks. A decoder keeps the launch constants, the split plan (it changes only when the middle
     grows, every `block_size` steps) and the compiled kernels. Each call reads what Triton specialises a compiled
     kernel on (dtypes, strides, pointer alignment, the layout) and, while that matches the last call's, launches the
-    compiled kernels directly, without Triton's per-call binding, specialisation and cache lookup; otherwise it checks
-    the inputs again and launches through Triton's JIT. A caller that knows when its stores change passes a
-    `cache_version`, and the cache's tensors are read again only when it changes.
+    compiled kernels directly, without Triton's per-call binding, specialisation and cache lookup (where
+    `triton_gate.fast_kernel` lets it); otherwise it checks the inputs again and launches through Triton's JIT. A
+    caller that knows when its stores change passes a `cache_version`, and the cache's tensors are read again only
+    when it changes.
 
     Args:
         tuning: launch parameters; `DecodeTuning()` when None.
@@ -245,8 +237,8 @@ class LeanKDecoder:
             query, cache, self._cache_strides, new, new_valid, out_part, lse_part, scaling, split_tokens,
             middle_splits, self.tuning,
         )  # fmt: skip
-        stream = triton.runtime.driver.active.get_current_stream(device) if self._split_kernel else None
-        self._split_kernel = _launch(
+        stream = current_stream(device) if self._split_kernel else None
+        self._split_kernel = launch(
             _leank_decode_kernel, self._split_kernel, grid, args, self._constexprs, self._options, stream
         )
 
@@ -261,7 +253,7 @@ class LeanKDecoder:
             "WAIT_FOR_SPLITS": self._constexprs["LET_MERGE_START"],
         }  # fmt: skip
         merge_options = {"num_warps": 2, "launch_pdl": self._constexprs["LET_MERGE_START"]}
-        self._merge_kernels[tile] = _launch(
+        self._merge_kernels[tile] = launch(
             _merge_kernel, self._merge_kernels.get(tile), (batch * num_q_heads, head_dim // tile[1]), merge_args,
             merge_constexprs, merge_options, stream,
         )  # fmt: skip
@@ -285,7 +277,7 @@ class LeanKDecoder:
         }  # fmt: skip
         self._options = {"num_warps": self.tuning.num_warps, "num_stages": self.tuning.num_stages}
 
-        def warm_up() -> CompiledKernel:
+        def warm_up() -> object:
             out_part = query.new_empty(query.shape, dtype=torch.float32)  # one split
             args = _split_args(
                 query, cache, self._cache_strides, new, new_valid, out_part, out_part[..., 0], 1.0, 1, 1, self.tuning
@@ -382,18 +374,3 @@ def _partial_strides(out_part: torch.Tensor) -> tuple[int, int, int, int, int]:
     their log-sum-exps `[B, Hq, splits]`, from the shape alone (no `stride()` calls on the hot path)."""
     _, num_q_heads, splits, head_dim = out_part.shape
     return num_q_heads * splits * head_dim, splits * head_dim, head_dim, num_q_heads * splits, splits
-
-
-def _launch(
-    kernel: triton.runtime.JITFunction, compiled: CompiledKernel | None, grid: tuple[int, ...], args: tuple,
-    constexprs: dict, options: dict, stream: int | None,
-) -> CompiledKernel | None:  # fmt: skip
-    """Launch `kernel[grid]` on `args` (its parameters before the constexprs); through `compiled`, the kernel Triton
-    compiled for arguments specialised like these, when given, on `stream` (None: the current one). Returns the
-    compiled kernel to pass next time (None in the interpreter, which compiles nothing)."""
-    if compiled is not None:
-        # The compiled launcher takes a three-dimensional grid and every parameter, constexprs too.
-        compiled[(*grid, 1, 1)[:3]](*args, *constexprs.values(), stream=stream)
-        return compiled
-    launched = kernel[grid](*args, **constexprs, **options)
-    return launched if isinstance(launched, CompiledKernel) else None
