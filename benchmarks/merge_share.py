@@ -22,20 +22,21 @@ from decode_attention import HEAD_DIM, Q_HEADS, pruned_cache, step_graph_ms
 
 import leank_hf.kernels.decode as decode
 from leank_hf import LeanKMasks
+from leank_hf.kernels.decode_kernels import _merge_kernel
 
 
 def step_ms(calls: list, merge: bool) -> float:
     """Median per-call ms of three step graphs; without `merge`, the merge kernel is not launched."""
-    launch = decode._launch
+    launch = decode.launch
 
     def split_only(kernel, compiled, *args):
-        return compiled if kernel is decode._merge_kernel else launch(kernel, compiled, *args)
+        return compiled if kernel is _merge_kernel else launch(kernel, compiled, *args)
 
-    decode._launch = launch if merge else split_only
+    decode.launch = launch if merge else split_only
     try:
         return statistics.median(step_graph_ms(calls) for _ in range(3))
     finally:
-        decode._launch = launch
+        decode.launch = launch
 
 
 def uniform_width(masks: torch.Tensor, width: int) -> torch.Tensor:

@@ -202,22 +202,23 @@ def test_every_tuning_gives_the_same_attention(monkeypatch, tuning, plan):
     (tokens per middle split, middle splits, full-width splits), the last read off the split launch's grid.
     num_warps and num_stages reach only the compiled kernel."""
     from leank_hf.kernels import decode
+    from leank_hf.kernels.decode_kernels import _leank_decode_kernel
 
     monkeypatch.setattr(decode, "_slots", lambda *args: 13)
     grids = []
-    launch = decode._launch
+    launch = decode.launch
 
     def recording_launch(kernel, compiled, grid, *args):
         grids.append((kernel, grid))
         return launch(kernel, compiled, grid, *args)
 
-    monkeypatch.setattr(decode, "_launch", recording_launch)
+    monkeypatch.setattr(decode, "launch", recording_launch)
     dtype = DTYPES[-1]
     cache = random_cache(3, 4, 64, 16, 5, 300, 140, dtype, seed=7)
     query = torch.randn(3, 8, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
     decoder = LeanKDecoder(tuning)
     assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
-    ((split_grid,),) = [grid for kernel, grid in grids if kernel is decode._leank_decode_kernel]
+    ((split_grid,),) = [grid for kernel, grid in grids if kernel is _leank_decode_kernel]
     split_tokens, middle_splits = decoder._split_plan[1]
     full_width_programs = split_grid - 3 * 3 * middle_splits  # batch 3 x 3 value rows per middle split
     assert (split_tokens, middle_splits, full_width_programs / (3 * 4)) == plan  # batch 3 x 4 heads per share
@@ -367,10 +368,10 @@ def test_replayed_cuda_graph_follows_the_middle_length_on_the_device():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="compilation happens only with the compiled kernel")
 def test_growing_lengths_never_recompile():
-    from leank_hf.kernels import decode
+    from leank_hf.kernels.decode_kernels import _leank_decode_kernel, _merge_kernel
 
     def compiled() -> int:
-        kernels = (decode._leank_decode_kernel, decode._merge_kernel)
+        kernels = (_leank_decode_kernel, _merge_kernel)
         return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
 
     query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.float16)
@@ -450,11 +451,11 @@ def test_one_decoder_follows_a_cache_through_every_change():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter compiles nothing, so every launch goes through it")
 def test_decoder_skips_triton_binding_until_strides_change(monkeypatch):
-    from leank_hf.kernels import decode
+    from leank_hf.kernels.decode_kernels import _leank_decode_kernel
 
     jit_launches = []
-    run = decode._leank_decode_kernel.run
-    monkeypatch.setattr(decode._leank_decode_kernel, "run", lambda *a, **k: jit_launches.append(1) or run(*a, **k))
+    run = _leank_decode_kernel.run
+    monkeypatch.setattr(_leank_decode_kernel, "run", lambda *a, **k: jit_launches.append(1) or run(*a, **k))
     full = random_cache(2, 8, 128, 32, 64, 3000, 320, torch.bfloat16, seed=44)
     query = torch.randn(2, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
     decoder = LeanKDecoder()

@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import torch
 
-from . import LeanKAttention
+from .dispatch import LeanKAttention
 from .layout import ChannelLayout, PrunedKV
 
 # Distinct masks whose int is remembered after their caches are gone (so a later cache for one of them reuses the
