@@ -16,6 +16,7 @@ from leank_hf import LeanKCache, LeanKMasks, ModelSpec
 from leank_hf.attention import leank_attention_forward
 from leank_hf.cache_layer import LeanKLayer
 from leank_hf.compat import cache_kwargs
+from leank_hf.kernels import ChannelLayout, PrunedKV, leank_attention_reference
 
 from .dense_reference import dense_leank_attention, window_sizes
 
@@ -23,6 +24,12 @@ from .dense_reference import dense_leank_attention, window_sizes
 REFERENCE_MASKS = Path(
     os.environ.get("LEANK_REFERENCE_MASKS", Path(__file__).resolve().parents[2] / "shared" / "reference_masks")
 )
+
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's interpreter emulates bf16 through numpy, which has none: on the CPU its bf16 results are garbage (seen
+# with Triton 3.9: errors ~1e9 where fp16 is within 5e-4), so bf16 is checked only with the compiled kernel.
+KERNEL_DTYPES = [torch.float16] + ([torch.bfloat16] if KERNEL_DEVICE == "cuda" else [])
 
 
 def aligned_mask(layers=2, heads=3, head_dim=32, seed=0) -> torch.Tensor:
@@ -244,3 +251,51 @@ def independent_scores(model, input_ids, attention_mask) -> torch.Tensor:
         mean_k = k.abs().permute(0, 2, 1, 3)[real].mean(0)
         scores.append(mean_q * mean_k)
     return torch.stack(scores)
+
+
+def random_cache(
+    batch: int, heads: int, head_dim: int, align: int, sink: int, middle: int, window: int, dtype: torch.dtype,
+    seed: int, prune_head: int | None = 0,
+) -> PrunedKV:  # fmt: skip
+    """A pruned cache with ragged sink lengths, ragged starts of the real middle tokens (left padding), holes in
+    the window, and one fully pruned head."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = random_mask(heads, head_dim, align, gen, prune_head=prune_head)
+    layout = ChannelLayout.from_mask(mask, KERNEL_DEVICE)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(KERNEL_DEVICE, dtype)
+
+    sink_lengths = torch.randint(0, sink + 1, (batch,), generator=gen)
+    if sink:
+        sink_lengths[0] = sink
+    middle_start = torch.randint(0, middle // 2 + 1, (batch,), generator=gen)
+    middle_start[0] = 0
+    middle_valid = torch.arange(middle) >= middle_start[:, None]
+    window_valid = torch.rand(batch, window, generator=gen) > 0.2
+    window_valid[:, -1] = True  # this step's own token
+    return PrunedKV(
+        sink_keys=rand(batch, heads, sink, head_dim),
+        sink_values=rand(batch, heads, sink, head_dim),
+        sink_lengths=sink_lengths.to(KERNEL_DEVICE),
+        middle_keys=rand(*layout.middle_key_shape(batch, middle)),
+        middle_values=rand(batch, len(layout.value_heads), middle, head_dim),
+        middle_valid=middle_valid.to(KERNEL_DEVICE),
+        middle_start=middle_start.to(KERNEL_DEVICE),
+        recent_keys=rand(batch, heads, window, head_dim),
+        recent_values=rand(batch, heads, window, head_dim),
+        recent_valid=window_valid.to(KERNEL_DEVICE),
+        layout=layout,
+    )
+
+
+def reference(query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
+    """The PyTorch reference on fp32 copies of the inputs."""
+    upcast = cache._replace(
+        **{f: getattr(cache, f).float() for f in PrunedKV._fields if is_float_tensor(getattr(cache, f))}
+    )
+    return leank_attention_reference(query.float(), upcast, scaling)
+
+
+def is_float_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()

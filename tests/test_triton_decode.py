@@ -11,16 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from leank_hf.kernels import ChannelLayout, NewTokens, PrunedKV, leank_attention_reference
+from leank_hf.kernels import ChannelLayout, NewTokens, PrunedKV
 from leank_hf.kernels.decode import DecodeTuning, LeanKDecoder, leank_decode_triton, supports
 
-from .helpers import random_mask
+from .helpers import KERNEL_DEVICE, KERNEL_DTYPES, is_float_tensor, random_cache, reference
 from .tolerances import assert_close
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Triton's interpreter emulates bf16 through numpy, which has none: on the CPU its bf16 results are garbage (seen
-# with Triton 3.9: errors ~1e9 where fp16 is within 5e-4), so bf16 is checked only with the compiled kernel.
-DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 @pytest.fixture(autouse=True)
@@ -33,52 +28,6 @@ def poisoned_buffers(monkeypatch):
         return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
 
     monkeypatch.setattr(torch, "empty", poisoned)
-
-
-def random_cache(
-    batch: int, heads: int, head_dim: int, align: int, sink: int, middle: int, window: int, dtype: torch.dtype,
-    seed: int, prune_head: int | None = 0,
-) -> PrunedKV:  # fmt: skip
-    """A pruned cache with ragged sink lengths, ragged starts of the real middle tokens (left padding), holes in
-    the window, and one fully pruned head."""
-    gen = torch.Generator().manual_seed(seed)
-    mask = random_mask(heads, head_dim, align, gen, prune_head=prune_head)
-    layout = ChannelLayout.from_mask(mask, DEVICE)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
-
-    sink_lengths = torch.randint(0, sink + 1, (batch,), generator=gen)
-    if sink:
-        sink_lengths[0] = sink
-    middle_start = torch.randint(0, middle // 2 + 1, (batch,), generator=gen)
-    middle_start[0] = 0
-    middle_valid = torch.arange(middle) >= middle_start[:, None]
-    window_valid = torch.rand(batch, window, generator=gen) > 0.2
-    window_valid[:, -1] = True  # this step's own token
-    return PrunedKV(
-        sink_keys=rand(batch, heads, sink, head_dim),
-        sink_values=rand(batch, heads, sink, head_dim),
-        sink_lengths=sink_lengths.to(DEVICE),
-        middle_keys=rand(*layout.middle_key_shape(batch, middle)),
-        middle_values=rand(batch, len(layout.value_heads), middle, head_dim),
-        middle_valid=middle_valid.to(DEVICE),
-        middle_start=middle_start.to(DEVICE),
-        recent_keys=rand(batch, heads, window, head_dim),
-        recent_values=rand(batch, heads, window, head_dim),
-        recent_valid=window_valid.to(DEVICE),
-        layout=layout,
-    )
-
-
-def reference(query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
-    """The PyTorch reference on fp32 copies of the inputs."""
-    upcast = cache._replace(**{f: getattr(cache, f).float() for f in PrunedKV._fields if _is_float(getattr(cache, f))})
-    return leank_attention_reference(query.float(), upcast, scaling)
-
-
-def _is_float(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 SHAPES = [
@@ -95,11 +44,11 @@ SHAPES = [
 
 
 @pytest.mark.parametrize(("batch", "hq", "h", "d", "align", "sink", "middle", "window"), SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_kernel_matches_reference(batch, hq, h, d, align, sink, middle, window, dtype):
     seed = hash((batch, hq, h, d, sink, middle, window)) % 2**31
     cache = random_cache(batch, h, d, align, sink, middle, window, dtype, seed, prune_head=0 if h > 1 else None)
-    query = torch.randn(batch, hq, 1, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    query = torch.randn(batch, hq, 1, d, generator=torch.Generator().manual_seed(seed + 1)).to(KERNEL_DEVICE, dtype)
     scaling = 0.7 / d**0.5  # any scaling the model passes (Gemma3 does not use 1/sqrt(d))
     assert supports(query, cache)
     out = leank_decode_triton(query, cache, scaling)
@@ -112,7 +61,7 @@ def window_copies(cache: PrunedKV) -> PrunedKV:
 
 
 @pytest.mark.parametrize(("batch", "hq", "h", "d", "align", "sink", "middle", "window"), SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("padded", [False, True], ids=["all-real", "some-rows-padding"])
 def test_kernel_writes_this_steps_token_as_it_attends(batch, hq, h, d, align, sink, middle, window, dtype, padded):
     """Given `new`, the window's last slot is not written yet (here: NaN keys and values, the wrong flag). The kernel
@@ -121,10 +70,10 @@ def test_kernel_writes_this_steps_token_as_it_attends(batch, hq, h, d, align, si
     seed = hash((batch, hq, h, d, sink, middle, window, padded)) % 2**31
     cache = random_cache(batch, h, d, align, sink, middle, window, dtype, seed, prune_head=0 if h > 1 else None)
     gen = torch.Generator().manual_seed(seed + 1)
-    query = torch.randn(batch, hq, 1, d, generator=gen).to(DEVICE, dtype)
-    keys = torch.randn(batch, h, 1, d, generator=gen).to(DEVICE, dtype)
-    values = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
-    valid = (torch.arange(batch) % 2 == 1)[:, None].to(DEVICE) if padded else None  # row 0 pads: batch 1 too
+    query = torch.randn(batch, hq, 1, d, generator=gen).to(KERNEL_DEVICE, dtype)
+    keys = torch.randn(batch, h, 1, d, generator=gen).to(KERNEL_DEVICE, dtype)
+    values = torch.randn(batch, 1, h, d, generator=gen).to(KERNEL_DEVICE, dtype).transpose(1, 2)
+    valid = (torch.arange(batch) % 2 == 1)[:, None].to(KERNEL_DEVICE) if padded else None  # row 0 pads: batch 1 too
     new = NewTokens(keys, values, valid)
     written = window_copies(cache)
     new.write(written)
@@ -148,7 +97,7 @@ def test_middle_length_read_on_the_device(batch, hq, h, d, align, sink, middle, 
         batch, h, d, align, sink, middle + 40, window, torch.float16, seed, prune_head=0 if h > 1 else None
     )
     assert cache.layout.value_rows > 0, "no head keeps channels: nothing reads the middle"
-    query = torch.randn(batch, hq, 1, d, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.float16)
+    query = torch.randn(batch, hq, 1, d, generator=torch.Generator().manual_seed(seed)).to(KERNEL_DEVICE, torch.float16)
     decoder = LeanKDecoder()
     for length in sorted({0, middle // 3, middle, middle + 40}):
         stored = sliced(cache, sink, length, window)
@@ -156,7 +105,7 @@ def test_middle_length_read_on_the_device(batch, hq, h, d, align, sink, middle, 
         poisoned = cache._replace(middle_keys=cache.middle_keys.clone(), middle_values=cache.middle_values.clone())
         poisoned.middle_keys[:, :, length:] = float("nan")
         poisoned.middle_values[:, :, length:] = float("nan")
-        on_device = poisoned._replace(middle_length=torch.tensor(length, device=DEVICE))
+        on_device = poisoned._replace(middle_length=torch.tensor(length, device=KERNEL_DEVICE))
         assert_close(decoder(query, on_device, 0.125), expected, torch.float16)
 
 
@@ -168,14 +117,14 @@ def test_decoder_reads_the_cache_again_only_when_its_version_changes(monkeypatch
     reads = []
     signature = decode._cache_signature
     monkeypatch.setattr(decode, "_cache_signature", lambda cache: reads.append(1) or signature(cache))
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     full = random_cache(2, 2, 64, 16, 6, 300, 60, dtype, seed=45)
     gen = torch.Generator().manual_seed(46)
     decoder = LeanKDecoder(DecodeTuning(block_n=16, min_split_tokens=32))
     steps = [(sliced(full, 6, 100, 10), 1), (sliced(full, 6, 100, 11), 1), (sliced(full, 6, 200, 12), 1)]
     steps += [(with_middle_capacity(sliced(full, 6, 200, 13), 400), 2), (sliced(full, 6, 250, 14), 3)]
     for cache, version in steps:
-        query = torch.randn(2, 4, 1, 64, generator=gen).to(DEVICE, dtype)
+        query = torch.randn(2, 4, 1, 64, generator=gen).to(KERNEL_DEVICE, dtype)
         assert_close(decoder(query, cache, 0.1, cache_version=version), reference(query, cache, 0.1), dtype)
     assert len(reads) == 3
 
@@ -213,9 +162,9 @@ def test_every_tuning_gives_the_same_attention(monkeypatch, tuning, plan):
         return launch(kernel, compiled, grid, *args)
 
     monkeypatch.setattr(decode, "launch", recording_launch)
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     cache = random_cache(3, 4, 64, 16, 5, 300, 140, dtype, seed=7)
-    query = torch.randn(3, 8, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
+    query = torch.randn(3, 8, 1, 64, generator=torch.Generator().manual_seed(8)).to(KERNEL_DEVICE, dtype)
     decoder = LeanKDecoder(tuning)
     assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
     ((split_grid,),) = [grid for kernel, grid in grids if kernel is _leank_decode_kernel]
@@ -236,9 +185,9 @@ def test_merge_tiles_of_every_split_count_bucket(monkeypatch, slots, tile):
     from leank_hf.kernels import decode
 
     monkeypatch.setattr(decode, "_slots", lambda *args: slots)
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     cache = random_cache(1, 2, 128, 16, 4, 2400, 40, dtype, seed=slots, prune_head=1)
-    query = torch.randn(1, 4, 1, 128, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    query = torch.randn(1, 4, 1, 128, generator=torch.Generator().manual_seed(5)).to(KERNEL_DEVICE, dtype)
     decoder = LeanKDecoder(DecodeTuning(block_n=16, min_split_tokens=16))
     assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
     splits = decoder._split_plan[1][1] + 1  # the middle's, and one full-width split (sink 4 + window 40)
@@ -263,40 +212,40 @@ def test_merge_tiles_hold_the_splits_in_a_few_buckets(head_dim):
 
 def test_heads_keeping_none_few_and_all_channels_share_one_launch():
     """Kept counts 0, 16, 32 and 128 of 128 in one layer: one tile width, lanes masked per head."""
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     mask = torch.zeros(4, 128, dtype=torch.bool)
     for head, count in enumerate([0, 16, 32, 128]):
         mask[head, torch.randperm(128, generator=torch.Generator().manual_seed(head))[:count]] = True
     cache = random_cache(2, 4, 128, 16, 3, 150, 7, dtype, seed=11)
-    layout = ChannelLayout.from_mask(mask, DEVICE)
+    layout = ChannelLayout.from_mask(mask, KERNEL_DEVICE)
     middle_keys = torch.randn(*layout.middle_key_shape(2, 150), generator=torch.Generator().manual_seed(12))
     middle_values = torch.randn(2, 3, 150, 128, generator=torch.Generator().manual_seed(13))
-    cache = cache._replace(layout=layout, middle_keys=middle_keys.to(DEVICE, dtype),
-                           middle_values=middle_values.to(DEVICE, dtype))  # fmt: skip
-    query = torch.randn(2, 8, 1, 128, generator=torch.Generator().manual_seed(14)).to(DEVICE, dtype)
+    cache = cache._replace(layout=layout, middle_keys=middle_keys.to(KERNEL_DEVICE, dtype),
+                           middle_values=middle_values.to(KERNEL_DEVICE, dtype))  # fmt: skip
+    query = torch.randn(2, 8, 1, 128, generator=torch.Generator().manual_seed(14)).to(KERNEL_DEVICE, dtype)
     expected = reference(query, cache, 0.09)
     assert_close(leank_decode_triton(query, cache, 0.09, DecodeTuning(min_split_tokens=64)), expected, dtype)
 
 
 def test_every_head_fully_pruned_reads_only_sink_and_window():
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     cache = random_cache(2, 2, 64, 16, 4, 50, 6, dtype, seed=3)
-    layout = ChannelLayout.from_mask(torch.zeros(2, 64, dtype=torch.bool), DEVICE)
+    layout = ChannelLayout.from_mask(torch.zeros(2, 64, dtype=torch.bool), KERNEL_DEVICE)
     cache = cache._replace(
         layout=layout,
         middle_keys=cache.middle_keys[:, :0],
         middle_values=cache.middle_values[:, :0],
     )
-    query = torch.randn(2, 4, 1, 64).to(DEVICE, dtype)
+    query = torch.randn(2, 4, 1, 64).to(KERNEL_DEVICE, dtype)
     assert_close(leank_decode_triton(query, cache, 0.125), reference(query, cache, 0.125), dtype)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="large shapes only with the compiled kernel")
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="large shapes only with the compiled kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("batch", "middle"), [(1, 32768), (8, 4000), (32, 1500)])
 def test_kernel_matches_reference_at_real_shapes(dtype, batch, middle):
     cache = random_cache(batch, 8, 128, 32, 64, middle, 300, dtype, seed=batch)
-    query = torch.randn(batch, 32, 1, 128, device=DEVICE, dtype=dtype)
+    query = torch.randn(batch, 32, 1, 128, device=KERNEL_DEVICE, dtype=dtype)
     out = leank_decode_triton(query, cache, 128**-0.5)
     assert_close(out, reference(query, cache, 128**-0.5), dtype)
 
@@ -308,54 +257,54 @@ def test_cache_with_gaps_in_real_middle_tokens_takes_the_reference_path(monkeypa
 
     monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
 
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     cache = random_cache(2, 2, 64, 16, 4, 90, 6, dtype, seed=21)
     holes = torch.rand(2, 90, generator=torch.Generator().manual_seed(22)) > 0.3
-    cache = cache._replace(middle_valid=holes.to(DEVICE), middle_start=None)
-    query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(23)).to(DEVICE, dtype)
+    cache = cache._replace(middle_valid=holes.to(KERNEL_DEVICE), middle_start=None)
+    query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(23)).to(KERNEL_DEVICE, dtype)
     assert_close(leank_attention(query, cache, 0.125), reference(query, cache, 0.125), dtype)
 
 
 def test_supports_only_what_the_kernel_handles():
     cache = random_cache(1, 2, 64, 16, 2, 10, 3, torch.bfloat16, seed=0)
-    query = torch.randn(1, 2, 1, 64, dtype=torch.bfloat16, device=DEVICE)
+    query = torch.randn(1, 2, 1, 64, dtype=torch.bfloat16, device=KERNEL_DEVICE)
     assert supports(query, cache)
     assert not supports(query.float(), cache), "fp32 takes the reference path"
-    assert not supports(torch.randn(1, 2, 3, 64, dtype=torch.bfloat16, device=DEVICE), cache), "Q > 1"
+    assert not supports(torch.randn(1, 2, 3, 64, dtype=torch.bfloat16, device=KERNEL_DEVICE), cache), "Q > 1"
     eight_channels = torch.zeros(2, 64, dtype=torch.bool)
     eight_channels[0, :8] = True  # tiles of 8 channels are below tl.dot's minimum of 16
     assert not supports(query, cache._replace(layout=ChannelLayout.from_mask(eight_channels)))
     assert not supports(query, cache._replace(middle_start=None)), "real middle tokens not contiguous"
-    strided = torch.randn(1, 2, 1, 128, dtype=torch.bfloat16, device=DEVICE)[..., ::2]
+    strided = torch.randn(1, 2, 1, 128, dtype=torch.bfloat16, device=KERNEL_DEVICE)[..., ::2]
     assert not supports(strided, cache), "channels of the query not contiguous"
     with pytest.raises(ValueError, match="channel stride 2"):
         leank_decode_triton(strided, cache, 0.125)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA graphs need CUDA")
 def test_replayed_cuda_graph_matches_reference():
     """Captured once, replayed on new data written in place; on Hopper the graph holds the merge's dependent
     launch."""
     cache = random_cache(4, 8, 128, 32, 64, 5000, 300, torch.bfloat16, seed=31)
-    query = torch.randn(4, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    query = torch.randn(4, 32, 1, 128, device=KERNEL_DEVICE, dtype=torch.bfloat16)
     leank_decode_triton(query, cache, 128**-0.5)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = leank_decode_triton(query, cache, 128**-0.5)
     for _ in range(3):
-        for tensor in (query, *filter(_is_float, cache)):
+        for tensor in (query, *filter(is_float_tensor, cache)):
             tensor.normal_()
         graph.replay()
         assert_close(out, reference(query, cache, 128**-0.5), torch.bfloat16)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="CUDA graphs need CUDA")
 def test_replayed_cuda_graph_follows_the_middle_length_on_the_device():
     """Captured at one stored length, replayed at others set in place: what a compiled decode step relies on."""
     cache = random_cache(2, 8, 128, 32, 64, 3000, 320, torch.bfloat16, seed=37)
-    length = torch.tensor(1000, device=DEVICE)
+    length = torch.tensor(1000, device=KERNEL_DEVICE)
     on_device = cache._replace(middle_length=length)
-    query = torch.randn(2, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    query = torch.randn(2, 32, 1, 128, device=KERNEL_DEVICE, dtype=torch.bfloat16)
     leank_decode_triton(query, on_device, 128**-0.5)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -366,7 +315,7 @@ def test_replayed_cuda_graph_follows_the_middle_length_on_the_device():
         assert_close(out, reference(query, sliced(cache, 64, stored, 320), 128**-0.5), torch.bfloat16)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="compilation happens only with the compiled kernel")
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="compilation happens only with the compiled kernel")
 def test_growing_lengths_never_recompile():
     from leank_hf.kernels.decode_kernels import _leank_decode_kernel, _merge_kernel
 
@@ -374,7 +323,7 @@ def test_growing_lengths_never_recompile():
         kernels = (_leank_decode_kernel, _merge_kernel)
         return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
 
-    query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.float16)
+    query = torch.randn(2, 8, 1, 64, device=KERNEL_DEVICE, dtype=torch.float16)
     leank_decode_triton(query, random_cache(2, 2, 64, 16, 4, 1000, 257, torch.float16, seed=0), 0.125)
     before = compiled()
     for step in range(1, 64):  # window and middle lengths through every residue mod 16
@@ -426,10 +375,10 @@ def test_one_decoder_follows_a_cache_through_every_change():
     stores, the middle stores reallocated (new strides), new tensors with the same strides (a beam reorder), a
     misaligned query, another batch size, another layout. With CUDA, the steps that change nothing it specialises
     on launch the compiled kernels directly."""
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     gen = torch.Generator().manual_seed(41)
     full = random_cache(3, 2, 64, 16, 6, 400, 90, dtype, seed=41)
-    beams = torch.tensor([2, 0, 0], device=DEVICE)
+    beams = torch.tensor([2, 0, 0], device=KERNEL_DEVICE)
     steps = [
         sliced(full, 0, 0, 1),
         sliced(full, 3, 0, 30),
@@ -443,13 +392,13 @@ def test_one_decoder_follows_a_cache_through_every_change():
     ]
     decoder = LeanKDecoder(DecodeTuning(block_n=16, min_split_tokens=32, max_waves=8))
     for step, cache in enumerate(steps):
-        query = torch.randn(cache.sink_lengths.shape[0], 4, 1, 64, generator=gen).to(DEVICE, dtype)
+        query = torch.randn(cache.sink_lengths.shape[0], 4, 1, 64, generator=gen).to(KERNEL_DEVICE, dtype)
         if step == 4:
             query = misaligned(query)
         assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter compiles nothing, so every launch goes through it")
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="the interpreter compiles nothing, so every launch goes through it")
 def test_decoder_skips_triton_binding_until_strides_change(monkeypatch):
     from leank_hf.kernels.decode_kernels import _leank_decode_kernel
 
@@ -457,7 +406,7 @@ def test_decoder_skips_triton_binding_until_strides_change(monkeypatch):
     run = _leank_decode_kernel.run
     monkeypatch.setattr(_leank_decode_kernel, "run", lambda *a, **k: jit_launches.append(1) or run(*a, **k))
     full = random_cache(2, 8, 128, 32, 64, 3000, 320, torch.bfloat16, seed=44)
-    query = torch.randn(2, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    query = torch.randn(2, 32, 1, 128, device=KERNEL_DEVICE, dtype=torch.bfloat16)
     decoder = LeanKDecoder()
     for middle, window in [(2000, 256), (2000, 257), (2064, 256), (2900, 300)]:
         cache = sliced(full, 64, middle, window)
@@ -509,9 +458,9 @@ def test_a_copied_layer_attention_starts_without_launch_state(monkeypatch):
     from leank_hf.kernels import LeanKAttention
 
     monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     cache = random_cache(2, 2, 64, 16, 4, 120, 20, dtype, seed=51)
-    query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(52)).to(DEVICE, dtype)
+    query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(52)).to(KERNEL_DEVICE, dtype)
     attention = LeanKAttention()
     attention(query, cache, 0.1)
     assert attention._decoder is not None, "the kernel did not run"

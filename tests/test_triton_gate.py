@@ -22,10 +22,12 @@ from leank_hf.kernels import triton_gate
 from leank_hf.kernels.decode import DecodeTuning, LeanKDecoder
 from leank_hf.kernels.decode_kernels import _leank_decode_kernel, _merge_kernel
 
-from .test_triton_decode import DEVICE, DTYPES, random_cache, reference
+from .helpers import KERNEL_DEVICE, KERNEL_DTYPES, random_cache, reference
 from .tolerances import assert_close
 
-on_the_cpu = pytest.mark.skipif(DEVICE == "cuda", reason="the stand-in's direct launch runs Triton's interpreter")
+on_the_cpu = pytest.mark.skipif(
+    KERNEL_DEVICE == "cuda", reason="the stand-in's direct launch runs Triton's interpreter"
+)
 
 
 class StandIn:
@@ -110,11 +112,11 @@ def launches(monkeypatch):
 def decode_three_steps(decoder: LeanKDecoder) -> None:
     """Three steps of one cache (new queries): the first sets the decoder up, the others change nothing it
     specialises on. Each must match the reference."""
-    dtype = DTYPES[-1]
+    dtype = KERNEL_DTYPES[-1]
     cache = random_cache(2, 2, 64, 16, 3, 70, 6, dtype, seed=61)
     gen = torch.Generator().manual_seed(62)
     for _ in range(3):
-        query = torch.randn(2, 4, 1, 64, generator=gen).to(DEVICE, dtype)
+        query = torch.randn(2, 4, 1, 64, generator=gen).to(KERNEL_DEVICE, dtype)
         assert_close(decoder(query, cache, 0.1), reference(query, cache, 0.1), dtype)
 
 
@@ -165,7 +167,7 @@ def test_closed_gate_launches_every_step_through_the_jit(launches, monkeypatch):
     assert launches.jit == [_leank_decode_kernel, _merge_kernel] * 3
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="only CUDA compiles kernels")
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="only CUDA compiles kernels")
 def test_installed_triton_passes_the_gate(launches):
     """The installed Triton has every internal the fast path reads: the decoder keeps its compiled kernels, launches
     the later steps directly, and nothing warns."""
