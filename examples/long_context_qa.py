@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from leank_hf import LeanKCache, LeanKMasks
+from leank_hf import LeanKCache, LeanKMasks, calibrated_masks
 from leank_hf.compat import cache_kwargs
 from leank_hf.embedded import load_embedded_model
 
@@ -60,7 +60,7 @@ def calibrate(model, tokenizer, tokens: int, keep_ratio: float, seed: int, outpu
     """Calibrated masks on a logbook other than the question's, saved as a mask repo in `output`."""
     calibration_text = logbook(random.Random(seed + 1), tokens // 26)
     calibration_ids = tokenizer(calibration_text, return_tensors="pt")["input_ids"]
-    masks = LeanKMasks.from_calibration(
+    masks = calibrated_masks(
         model, calibration_ids, keep_ratio=keep_ratio, align=16, base_model="HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     masks = masks.replace(method={**masks.method, "data": f"synthetic harbour logbook, seed {seed + 1}"})

@@ -3,10 +3,9 @@
 from .architectures import SUPPORTED_MODEL_TYPES, ModelSpec
 from .attention import register
 from .cache import LeanKCache
-from .hub import zoo_names
-from .masks import LeanKMasks
+from .masks import LeanKMasks, select_channels, zoo_names
 from .memory import LayerMemory, MemoryReport
-from .selection import select_channels
+from .methods import calibrated_masks, random_masks, think_masks
 from .windows import WindowConfig
 
 __version__ = "0.1.0.dev0"
@@ -19,7 +18,10 @@ __all__ = [
     "MemoryReport",
     "ModelSpec",
     "WindowConfig",
+    "calibrated_masks",
+    "random_masks",
     "register",
     "select_channels",
+    "think_masks",
     "zoo_names",
 ]

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticLay
 from . import attention
 from .architectures import LEANK_LAYER_TYPE, ModelSpec, warn_if_nothing_is_pruned
 from .cache_layer import LeanKLayer
-from .masks import LeanKMasks
+from .masks.leank_masks import LeanKMasks
 from .memory import LayerMemory, MemoryReport, held_bytes
 from .static_layer import StaticLeanKLayer
 from .windows import WindowConfig

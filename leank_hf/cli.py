@@ -16,12 +16,12 @@ from transformers import HfArgumentParser
 
 from . import __version__
 from .architectures import SUPPORTED_MODEL_TYPES
-from .card import describe_method
 from .compat import cache_kwargs
 from .embedded import EMBEDDED_MODEL, embedded_model_path, gguf_source_repo, load_model
 from .eval import BASELINES, EvaluationArguments
-from .hub import as_hub_id
-from .masks import LeanKMasks
+from .masks.card import describe_method
+from .masks.hub import as_hub_id
+from .masks.leank_masks import LeanKMasks
 from .training.recipe import MaskLearningArguments
 from .windows import WindowConfig
 
@@ -146,7 +146,7 @@ def _inspect(args: argparse.Namespace) -> None:
         f"({report.total_bytes / mib:.1f} of {report.dense_bytes / mib:.1f} MiB)"
     )
     if args.plot:
-        from .card import plot_masks
+        from .masks.card import plot_masks
 
         plot_masks(masks, args.plot)
         print(f"heatmap written to {args.plot}")
@@ -173,7 +173,7 @@ def load_mask_file(path: Path) -> torch.Tensor:
                 f"{path} is not a readable torch.save file ({type(err).__name__}: {err}); re-save it"
             ) from err
     else:
-        from .io import read_safetensors
+        from .masks.io import read_safetensors
 
         data = read_safetensors(path)
     if isinstance(data, dict):
@@ -281,7 +281,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from .eval import accuracy_png, evaluate, format_table, standard_methods
-    from .io import atomic_write_bytes, json_bytes
+    from .masks.io import atomic_write_bytes, json_bytes
 
     measured, windows = settings(EvaluationArguments, args), settings(WindowConfig, args)
     source = model_source(args)

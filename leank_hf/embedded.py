@@ -9,7 +9,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .hub import hub_id_from_url
+from .masks.hub import hub_id_from_url
 
 EMBEDDED_MODEL = "smollm2"  # the CLI's name for it
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

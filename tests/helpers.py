@@ -202,7 +202,7 @@ class RecordingApi:
             return self
 
         monkeypatch.setattr("huggingface_hub.hub_mixin.HfApi", make)
-        monkeypatch.setattr("leank_hf.repo_mixin.HfApi", make)
+        monkeypatch.setattr("leank_hf.masks.repo_mixin.HfApi", make)
         return self
 
     def create_repo(self, repo_id, **kwargs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
-from leank_hf import LeanKCache, LeanKMasks
+from leank_hf import LeanKCache, calibrated_masks
 from leank_hf.compat import cache_kwargs
 from leank_hf.training import prepare_for_mask_learning
 
@@ -52,7 +52,7 @@ def test_an_eager_models_leank_prefill_is_its_own_eager_attention():
 def test_calibration_leaves_the_implementation_as_it_found_it():
     model = tiny_model("llama")
     model.set_attn_implementation("eager")
-    LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.5)
+    calibrated_masks(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.5)
     assert model.config._attn_implementation == "eager"
 
 
@@ -83,7 +83,7 @@ def test_calibration_and_generation_on_one_model_in_two_threads():
         try:
             for seed in range(6):
                 ids = torch.randint(3, 90, (2, 40), generator=torch.Generator().manual_seed(seed))
-                LeanKMasks.from_calibration(model, ids, keep_ratio=0.5)
+                calibrated_masks(model, ids, keep_ratio=0.5)
         except Exception as err:  # reported below: a thread's exception would otherwise vanish
             errors.append(err)
 
@@ -103,7 +103,7 @@ def test_a_model_with_only_sliding_layers_is_said_to_prune_nothing():
     model = MistralForCausalLM(MistralConfig(**_COMMON, head_dim=32, sliding_window=16)).eval()
     nothing_pruned = r"no full-attention layer to prune .*sliding_window=16.*calibrated masks prune nothing"
     with pytest.warns(UserWarning, match=nothing_pruned):
-        masks = LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.3)
+        masks = calibrated_masks(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.3)
     assert masks.to_dense().all()
     with pytest.warns(UserWarning, match="a LeanKCache would prune nothing"):
         LeanKCache(keep_all(model), model)

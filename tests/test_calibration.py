@@ -1,13 +1,13 @@
-"""from_calibration: scores equal mean |q_c| · mean |k_c| of post-RoPE q/k computed independently from the weights."""
+"""calibrated_masks: scores equal mean |q_c| · mean |k_c| of post-RoPE q/k computed independently from the weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from leank_hf import LeanKCache, LeanKMasks, select_channels
+from leank_hf import LeanKCache, calibrated_masks, select_channels
 from leank_hf.attention import observing
-from leank_hf.calibration import ChannelStats
+from leank_hf.methods.calibration import ChannelStats
 
 from .conftest import tiny_model
 from .helpers import independent_scores, left_padded_batch
@@ -26,10 +26,10 @@ def test_scores_match_independent_computation_with_padding():
     torch.testing.assert_close(stats.scores().float(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_from_calibration_selects_by_those_scores():
+def test_calibrated_masks_select_by_those_scores():
     model = tiny_model("llama")
     inputs = left_padded_batch([40, 25], model.config.vocab_size)
-    masks = LeanKMasks.from_calibration(model, inputs["input_ids"], keep_ratio=0.5, align=16,
+    masks = calibrated_masks(model, inputs["input_ids"], keep_ratio=0.5, align=16,
                                         attention_mask=inputs["attention_mask"], batch_size=2, sink=8)  # fmt: skip
     expected = select_channels(independent_scores(model, inputs["input_ids"], inputs["attention_mask"]), 0.5, 16)
     assert torch.equal(masks.to_dense(), expected)
@@ -40,16 +40,16 @@ def test_from_calibration_selects_by_those_scores():
 def test_keep_ratio_one_keeps_everything_and_text_needs_a_tokenizer():
     model = tiny_model("qwen3")
     ids = torch.randint(3, 90, (1, 20))
-    assert LeanKMasks.from_calibration(model, ids, keep_ratio=1.0).to_dense().all()
+    assert calibrated_masks(model, ids, keep_ratio=1.0).to_dense().all()
     with pytest.raises(ValueError, match="tokenizer"):
-        LeanKMasks.from_calibration(model, ["some text"])
+        calibrated_masks(model, ["some text"])
     with pytest.raises(ValueError, match="LongTensor"):
-        LeanKMasks.from_calibration(model, torch.rand(1, 20))
+        calibrated_masks(model, torch.rand(1, 20))
 
 
 def test_gemma3_sliding_layers_are_not_pruned():
     model = tiny_model("gemma3")
-    masks = LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.25)
+    masks = calibrated_masks(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.25)
     dense = masks.to_dense()
     assert dense[0].all() and dense[2].all() and not dense[1].all()
 
@@ -70,8 +70,6 @@ def test_a_model_loaded_from_a_folder_records_no_path_as_its_base_model(tmp_path
     tiny_model("llama").save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert model.config._name_or_path == str(tmp_path)
-    masks = LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.5)
+    masks = calibrated_masks(model, torch.randint(3, 90, (1, 30)), keep_ratio=0.5)
     assert masks.base_model is None
-    assert LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 30)), base_model="org/model").base_model == (
-        "org/model"
-    )
+    assert calibrated_masks(model, torch.randint(3, 90, (1, 30)), base_model="org/model").base_model == ("org/model")

@@ -88,14 +88,14 @@ def test_convert_leaves_no_partial_repo(tmp_path, monkeypatch, capsys):
     (save_pretrained's own crash safety: test_repo_files)."""
     save_file({"channel_mask": aligned_mask().to(torch.uint8)}, tmp_path / "m.safetensors")
     argv = ["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "out"), "--align", "16"]
-    monkeypatch.setattr("leank_hf.repo_mixin.heatmap_png", fail)
+    monkeypatch.setattr("leank_hf.masks.repo_mixin.heatmap_png", fail)
     assert main(argv) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"], "no repo, no temporary file left"
     monkeypatch.undo()
     assert main(argv) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    monkeypatch.setattr("leank_hf.repo_mixin.heatmap_png", fail)
+    monkeypatch.setattr("leank_hf.masks.repo_mixin.heatmap_png", fail)
     assert main([*argv, "--sink", "32"]) == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
@@ -106,7 +106,7 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("failing", [None, "leank_hf.eval.accuracy_png", "leank_hf.repo_mixin.render_card"])
+@pytest.mark.parametrize("failing", [None, "leank_hf.eval.accuracy_png", "leank_hf.masks.repo_mixin.render_card"])
 def test_eval_writes_its_outputs_and_the_record_all_or_nothing(failing, tmp_path, monkeypatch, capsys):
     """A failure while writing (the plot, the record's card) leaves --out empty and --record-in as it was."""
     monkeypatch.setattr("leank_hf.cli.load_model", lambda *args, **kwargs: (None, None))

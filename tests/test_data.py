@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from leank_hf.data import prose_paragraphs
+from leank_hf.eval.prose import prose_paragraphs
+from leank_hf.eval.retrieval import IGNORE_INDEX
 from leank_hf.training import make_retrieval_dataset
-from leank_hf.training.data import IGNORE_INDEX
 
 
 def test_prose_splits_are_disjoint_whole_chapters():

@@ -11,21 +11,11 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leank_hf import LeanKCache, LeanKMasks, ModelSpec, WindowConfig, select_channels
-from leank_hf.baselines import random_masks, think_masks
 from leank_hf.compat import CACHE_ARGUMENT
-from leank_hf.data import prose_text
-from leank_hf.eval import (
-    FULL_CACHE,
-    EvaluationArguments,
-    answers_correctly,
-    decoded_logits,
-    evaluate,
-    format_table,
-    heldout_windows,
-    next_token_agreement,
-    plot_accuracy,
-    standard_methods,
-)
+from leank_hf.eval import FULL_CACHE, EvaluationArguments, evaluate, format_table, plot_accuracy, standard_methods
+from leank_hf.eval.metrics import answers_correctly, decoded_logits, heldout_windows, next_token_agreement
+from leank_hf.eval.prose import prose_text
+from leank_hf.methods import random_masks, think_masks
 
 from .conftest import tiny_llama, tiny_model
 from .helpers import independent_scores
@@ -148,7 +138,7 @@ def test_evaluate_scores_retrieval_only_on_tasks_the_full_cache_solves(smollm2_t
         full_cache_tasks.append(prompt_ids)
         return full_cache_answers[len(full_cache_tasks) - 1]
 
-    monkeypatch.setattr("leank_hf.eval.answers_correctly", scripted)
+    monkeypatch.setattr("leank_hf.eval.evaluation.answers_correctly", scripted)
     methods = {
         "keep all": lambda ratio, prompt: keep_all,
         "random": lambda ratio, prompt: random_masks(spec, ratio, sink=4, recent=16, block_size=8),

@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from leank_hf import LeanKCache, LeanKMasks, zoo_names
-from leank_hf.card import render_card
-from leank_hf.hub import hub_id_from_url
+from leank_hf.masks.card import render_card
+from leank_hf.masks.hub import hub_id_from_url
 
 from .conftest import tiny_model
 from .helpers import REFERENCE_MASKS, RecordingApi, aligned_mask

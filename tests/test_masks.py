@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from leank_hf import LeanKMasks
-from leank_hf.repo_files import CONFIG_NAME, MASKS_FIELDS, MASKS_NAME
+from leank_hf.masks.repo_files import CONFIG_NAME, MASKS_FIELDS, MASKS_NAME
 
 from .helpers import REFERENCE_MASKS, aligned_mask
 

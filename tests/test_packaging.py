@@ -27,8 +27,8 @@ def test_no_top_level_folder_hides_an_installed_package():
 
 def test_the_wheel_ships_the_type_marker_and_the_data_files(tmp_path):
     """What `pip install leank-hf` puts in site-packages: the `py.typed` marker (PEP 561, so type checkers read our
-    hints), the shipped mask repos and their card template, and the prose. An editable install reads the source
-    folders and would show all of them whatever the package data says, so the wheel is built (offline)."""
+    hints), every module, the shipped mask repos and their card template, and the prose. An editable install reads
+    the source folders and would show all of them whatever the package data says, so the wheel is built (offline)."""
     source = tmp_path / "source"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for folder in ("leank_hf", "hub_cards"):
@@ -41,7 +41,10 @@ def test_the_wheel_ships_the_type_marker_and_the_data_files(tmp_path):
     with zipfile.ZipFile(tmp_path / out.stdout.split()[-1]) as wheel:
         names = set(wheel.namelist())
     assert "leank_hf/py.typed" in names
-    assert "leank_hf/data/alice_in_wonderland.txt" in names and "leank_hf/hub_cards/model_card.md" in names
+    assert "leank_hf/eval/alice_in_wonderland.txt" in names and "leank_hf/hub_cards/model_card.md" in names
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "leank_hf").rglob("*.py")}
+    missing = modules - names
+    assert not missing, f"modules the wheel leaves out (a sub-package missing from pyproject.toml?): {missing}"
     for name in zoo_names():
         for file in ("leank_config.json", "leank_masks.safetensors", "README.md"):
             assert f"leank_hf/hub_cards/zoo/{name}/{file}" in names

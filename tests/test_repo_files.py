@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from leank_hf import LeanKMasks
-from leank_hf.repo_files import CONFIG_NAME, MASKS_NAME
+from leank_hf.masks.repo_files import CONFIG_NAME, MASKS_NAME
 
 from .helpers import aligned_mask
 
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)  # no thread pool in the process that forks
-from leank_hf import LeanKMasks, repo_mixin
+from leank_hf import LeanKMasks
+from leank_hf.masks import repo_mixin
 
 repo_mixin.heatmap_png = lambda masks: b"\x89PNG"
 old, new, work = map(Path, sys.argv[1:])
@@ -160,7 +161,7 @@ def test_a_config_that_is_not_json_raises_before_any_file_changes(tmp_path, mask
 @pytest.mark.parametrize("failing", [1, 2, 3, 4])
 def test_a_write_that_fails_leaves_the_old_or_the_new_repo_and_no_temp_files(tmp_path, monkeypatch, failing):
     """The 1st and 2nd writes (new masks, config) come before the commit; the 3rd and 4th (heatmap, card) after."""
-    from leank_hf import io
+    from leank_hf.masks import io
 
     OLD.save_pretrained(tmp_path)
     before = snapshot(tmp_path)
@@ -185,7 +186,7 @@ def test_a_write_that_fails_leaves_the_old_or_the_new_repo_and_no_temp_files(tmp
 
 def test_racing_writers_and_a_reader_see_one_whole_repo_or_the_other(tmp_path, monkeypatch):
     # The heatmap is for people: a stand-in keeps the rounds fast.
-    monkeypatch.setattr("leank_hf.repo_mixin.heatmap_png", lambda masks: b"\x89PNG")
+    monkeypatch.setattr("leank_hf.masks.repo_mixin.heatmap_png", lambda masks: b"\x89PNG")
     first = LeanKMasks(aligned_mask(seed=2), base_model="org/first", method={"name": "first"})
     # Same keep ratio, other channels and config: a mix of the two would pass every check but the checksum.
     second = LeanKMasks(aligned_mask(seed=2).flip(-1), base_model="org/second", method={"name": "second"})

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from leank_hf import LeanKMasks, select_channels
-from leank_hf.baselines import random_masks
-from leank_hf.selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
+from leank_hf import LeanKMasks, calibrated_masks, select_channels
+from leank_hf.masks.selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
+from leank_hf.methods import random_masks
 from leank_hf.training import LeanKMaskCallback
 
 
@@ -70,11 +70,11 @@ def test_bad_arguments(args, match):
 
 
 def test_every_keep_ratio_and_align_default_is_selections():
-    """The paper's keep ratio and the kernel's alignment are written once, in leank_hf.selection: a default written
-    anywhere else that disagrees fails here."""
+    """The paper's keep ratio and the kernel's alignment are written once, in leank_hf.masks.selection: a default
+    written anywhere else that disagrees fails here."""
     defaults = {"keep_ratio": DEFAULT_KEEP_RATIO, "align": DEFAULT_ALIGN}
     assert defaults == {"keep_ratio": 0.3, "align": 16}
-    calibration = inspect.signature(LeanKMasks.from_calibration).parameters
+    calibration = inspect.signature(calibrated_masks).parameters
     assert {name: calibration[name].default for name in defaults} == defaults
     assert {name: getattr(LeanKMaskCallback(), name) for name in defaults} == defaults
     assert {f.name: f.default for f in dataclasses.fields(LeanKMasks)}["align"] == DEFAULT_ALIGN

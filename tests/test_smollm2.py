@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from leank_hf import LeanKCache, LeanKMasks
+from leank_hf import LeanKCache, LeanKMasks, calibrated_masks
 from leank_hf.cache_layer import LeanKLayer
 from leank_hf.compat import cache_kwargs
 
@@ -54,7 +54,7 @@ def test_keep_all_masks_reproduce_dynamic_cache(smollm2):
 
 def test_calibrated_masks_save_memory_and_keep_the_first_token(smollm2, tmp_path):
     model, tokenizer = smollm2
-    masks = LeanKMasks.from_calibration(model, prose_ids(tokenizer, 1024, seed=1), keep_ratio=0.3, align=16)
+    masks = calibrated_masks(model, prose_ids(tokenizer, 1024, seed=1), keep_ratio=0.3, align=16)
     assert masks.keep_ratio == pytest.approx(0.3, abs=0.01)
     masks.save_pretrained(tmp_path)
     ids = prose_ids(tokenizer, 1500, seed=2)
@@ -79,7 +79,7 @@ def test_readme_demo_runs(smollm2):
 def test_calibration_from_text_with_a_tokenizer(smollm2):
     model, tokenizer = smollm2
     texts = [example().logbook(random.Random(seed), 12) for seed in range(3)]
-    masks = LeanKMasks.from_calibration(model, texts, tokenizer=tokenizer, keep_ratio=0.5, batch_size=2)
+    masks = calibrated_masks(model, texts, tokenizer=tokenizer, keep_ratio=0.5, batch_size=2)
     assert masks.keep_ratio == pytest.approx(0.5, abs=0.01)
     assert masks.method["tokens"] == sum(len(tokenizer(t)["input_ids"]) for t in texts)
 
@@ -87,7 +87,8 @@ def test_calibration_from_text_with_a_tokenizer(smollm2):
 def test_shipped_learned_masks_beat_calibration_on_heldout_text(smollm2):
     """The shipped masks keep what they were shipped for: on held-out prose they agree with the full cache better
     than calibrated masks at the same ratio (a short version of BENCHMARKS.md section 4)."""
-    from leank_hf.eval import decoded_logits, heldout_windows, next_token_agreement, standard_methods
+    from leank_hf.eval import standard_methods
+    from leank_hf.eval.metrics import decoded_logits, heldout_windows, next_token_agreement
 
     model, tokenizer = smollm2
     learned = LeanKMasks.from_pretrained("smollm2-135m-instruct")

@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from leank_hf import LeanKMasks, WindowConfig
+from leank_hf import LeanKMasks, WindowConfig, calibrated_masks
 from leank_hf.eval import standard_methods
 from leank_hf.training import MaskLearner, prepare_for_mask_learning
 
@@ -50,5 +50,5 @@ def test_every_window_default_is_window_configs():
         }, function
     assert inspect.signature(standard_methods).parameters["windows"].default == WindowConfig()
     model = tiny_model("llama")
-    calibrated = LeanKMasks.from_calibration(model, torch.randint(3, 90, (1, 20)), keep_ratio=0.5)
+    calibrated = calibrated_masks(model, torch.randint(3, 90, (1, 20)), keep_ratio=0.5)
     assert {name: getattr(calibrated, name) for name in windows} == windows

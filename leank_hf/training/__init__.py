@@ -2,8 +2,8 @@
 (`prepare_for_mask_learning`), the two-stage schedule (`LeanKMaskCallback`) and long retrieval data
 (`make_retrieval_dataset`)."""
 
+from ..eval.retrieval import RetrievalDataset, RetrievalExample, make_retrieval_dataset
 from .callback import LeanKMaskCallback
-from .data import RetrievalDataset, RetrievalExample, make_retrieval_dataset
 from .learner import MaskLearner, MaskLearnerOutput, prepare_for_mask_learning
 
 __all__ = [

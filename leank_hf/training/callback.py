@@ -13,7 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checks import check_range
-from ..selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO, kept_groups
+from ..masks.selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO, kept_groups
 from .learner import MaskLearner
 
 logger = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from transformers.utils import ModelOutput
 from ..architectures import ModelSpec
 from ..attention import attending_with
 from ..compat import cache_kwargs
-from ..hub import as_hub_id
-from ..masks import LeanKMasks
-from ..selection import DEFAULT_ALIGN, select_channels
+from ..eval.retrieval import IGNORE_INDEX
+from ..masks.hub import as_hub_id
+from ..masks.leank_masks import LeanKMasks
+from ..masks.selection import DEFAULT_ALIGN, select_channels
 from ..windows import DEFAULT_WINDOWS, WindowConfig
 from . import student_attention
-from .data import IGNORE_INDEX
 from .prompt_cache import PromptCache
 from .student_attention import StudentStep, student_step
 

@@ -11,11 +11,11 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from ..checks import check_range
-from ..hub import as_hub_id
-from ..masks import LeanKMasks
+from ..eval.retrieval import TRAINING_EXAMPLES, TRAINING_LENGTHS, check_lengths, make_retrieval_dataset
+from ..masks.hub import as_hub_id
+from ..masks.leank_masks import LeanKMasks
 from ..windows import DEFAULT_WINDOWS, WindowConfig
 from .callback import LeanKMaskCallback
-from .data import TRAINING_EXAMPLES, TRAINING_LENGTHS, check_lengths, make_retrieval_dataset
 from .learner import prepare_for_mask_learning
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 This is the paper's kind of training data for mask learning: the answer can only be produced by attending far back
 into the context, so distilling on answer tokens teaches the masks to keep the channels that long-range retrieval
-uses. The filler is the shipped public-domain book (`leank_hf.data`), not a repeated sentence.
+uses. The filler is the shipped public-domain book (`leank_hf.eval.prose`), not a repeated sentence.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
-from ..data import Split, prose_paragraphs
+from .prose import Split, prose_paragraphs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -25,7 +25,7 @@ from .hub import check_push_target, push_errors, resolve_repo
 from .repo_files import CONFIG_NAME, RepoBytes, encode_masks, load_repo, write_repo
 
 if TYPE_CHECKING:
-    from .masks import LeanKMasks
+    from .leank_masks import LeanKMasks
 
 T = TypeVar("T", bound="MaskRepoMixin")
 

@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import ModelSpec, warn_if_nothing_is_pruned
-from .attention import observing
-from .hub import as_hub_id
-from .selection import select_channels
+from ..architectures import ModelSpec, warn_if_nothing_is_pruned
+from ..attention import observing
+from ..masks import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO, LeanKMasks, as_hub_id, select_channels
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -46,21 +45,33 @@ class ChannelStats:
         return (self.abs_query / count) * (self.abs_key / count)
 
 
-def calibrate(
+def calibrated_masks(
     model: PreTrainedModel,
     input_ids: torch.Tensor | list[str],
-    keep_ratio: float,
-    align: int,
+    keep_ratio: float = DEFAULT_KEEP_RATIO,
+    align: int = DEFAULT_ALIGN,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     attention_mask: torch.Tensor | None = None,
     batch_size: int = 1,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The calibrated `[layers, kv_heads, head_dim]` keep-mask of `model`, and the `LeanKMasks` fields that say what
-    it was made for and how (`align`, `layer_types`, `model_type`, `base_model`, `base_model_revision`, `method`).
+    **config: Any,
+) -> LeanKMasks:
+    """Training-free masks: keep the channels with the largest mean |q_c| · mean |k_c| on calibration text.
 
-    Behind `LeanKMasks.from_calibration` (the arguments are explained there), which builds the masks from these:
-    this module scores and selects channels and knows nothing of the masks class.
+    Each post-RoPE key channel `c` of a KV head is scored by the mean absolute key value times the mean absolute
+    query value (averaged over the query heads that share the KV head) over all non-padding tokens; the top channels
+    are kept globally with per-head counts rounded to `align` (see `select_channels`).
+
+    Args:
+        model: a supported causal LM; it attends as before afterwards (see `leank_hf.attention.observing`).
+        input_ids: `[batch, tokens]` LongTensor of calibration text, or a list of strings with `tokenizer`.
+        keep_ratio: share of key channels to keep; 1.0 keeps every channel.
+        align: per-head kept counts are multiples of this.
+        tokenizer: needed when `input_ids` is a list of strings.
+        attention_mask: `[batch, tokens]` padding mask for `input_ids`, 1 = real token.
+        batch_size: sequences per forward pass.
+        **config: other `LeanKMasks` fields (`sink`, `recent`, `block_size`, `base_model`, ...); they win over what
+            calibration records (the model's type, layer types and Hub id, and the method).
     """
     spec = ModelSpec.from_model(model)
     warn_if_nothing_is_pruned(spec, "calibrated masks")
@@ -78,7 +89,7 @@ def calibrate(
         "keep_ratio": keep_ratio,
         "tokens": int(stats.tokens.max()),
     }
-    return mask, {
+    recorded = {
         "align": align,
         "layer_types": spec.layer_types,
         "model_type": spec.model_type,
@@ -87,6 +98,7 @@ def calibrate(
         "base_model_revision": getattr(model.config, "_commit_hash", None),
         "method": method,
     }
+    return LeanKMasks(mask, **{**recorded, **config})
 
 
 def _as_token_batch(
@@ -96,7 +108,7 @@ def _as_token_batch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(input_ids, (list, tuple)):
         if tokenizer is None:
-            raise ValueError("from_calibration got text; pass tokenizer= to tokenize it (or pass token ids)")
+            raise ValueError("calibrated_masks got text; pass tokenizer= to tokenize it (or pass token ids)")
         encoded = tokenizer(list(input_ids), return_tensors="pt", padding=True)
         return encoded["input_ids"], encoded["attention_mask"]
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():

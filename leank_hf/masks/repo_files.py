@@ -28,7 +28,7 @@ from .io import (
 )
 
 if TYPE_CHECKING:
-    from .masks import LeanKMasks
+    from .leank_masks import LeanKMasks
 
 M = TypeVar("M", bound="LeanKMasks")
 

@@ -1,8 +1,8 @@
 """`LeanKMasks`: the static per-layer, per-KV-head key-channel masks and the window settings that go with them.
 
 A validated value: its fields, what follows from them, its config dict and whether it fits a model. Saving, loading
-and pushing a mask repo are inherited from `MaskRepoMixin` (`repo_mixin`); the calibration heuristic lives in
-`calibration`, which knows nothing of this class.
+and pushing a mask repo are inherited from `MaskRepoMixin` (`repo_mixin`); the ways masks are made live in
+`leank_hf.methods` and `leank_hf.training`, which build this class.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
-from .calibration import calibrate
+from ..architectures import LEANK_LAYER_TYPE, SUPPORTED_MODEL_TYPES, ModelSpec
+from ..windows import DEFAULT_WINDOWS, WindowConfig
 from .repo_files import FORMAT_VERSION
 from .repo_mixin import MaskRepoMixin
-from .selection import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO
-from .windows import DEFAULT_WINDOWS, WindowConfig
+from .selection import DEFAULT_ALIGN
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    pass
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,42 +217,6 @@ class LeanKMasks(MaskRepoMixin):
             )
 
     # ------------------------------------------------------------------------------------------ creation
-    @classmethod
-    def from_calibration(
-        cls,
-        model: PreTrainedModel,
-        input_ids: torch.Tensor | list[str],
-        keep_ratio: float = DEFAULT_KEEP_RATIO,
-        align: int = DEFAULT_ALIGN,
-        *,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        attention_mask: torch.Tensor | None = None,
-        batch_size: int = 1,
-        **config: Any,
-    ) -> LeanKMasks:
-        """Training-free masks: keep the channels with the largest mean |q_c| · mean |k_c| on calibration text.
-
-        Each post-RoPE key channel `c` of a KV head is scored by the mean absolute key value times the mean
-        absolute query value (averaged over the query heads that share the KV head) over all non-padding tokens;
-        the top channels are kept globally with per-head counts rounded to `align` (see `select_channels`).
-
-        Args:
-            model: a supported causal LM.
-            input_ids: `[batch, tokens]` LongTensor of calibration text, or a list of strings with `tokenizer`.
-            keep_ratio: share of key channels to keep; 1.0 keeps every channel.
-            align: per-head kept counts are multiples of this.
-            tokenizer: needed when `input_ids` is a list of strings.
-            attention_mask: `[batch, tokens]` padding mask for `input_ids`, 1 = real token.
-            batch_size: sequences per forward pass.
-            **config: other `LeanKMasks` fields (`sink`, `recent`, `block_size`, `base_model`, ...); they win over
-                what calibration records (`calibration.calibrate`).
-        """
-        mask, made = calibrate(
-            model, input_ids, keep_ratio, align, tokenizer=tokenizer, attention_mask=attention_mask,
-            batch_size=batch_size,
-        )  # fmt: skip
-        return cls(mask, **{**made, **config})
-
     # ---------------------------------------------------------------------------------------------- config
     def to_config_dict(self) -> dict[str, Any]:
         """The `leank_config.json` content (without the checksum of the masks file)."""

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCardData
 
+from ..memory import estimate_memory
 from .hub import as_hub_id
 from .io import atomic_write_bytes
-from .memory import estimate_memory
 
 if TYPE_CHECKING:
-    from .masks import LeanKMasks
+    from .leank_masks import LeanKMasks
 
 # Context length at which the card quotes memory savings: long enough that sink + recent are a small share.
 CARD_CONTEXT = 32768

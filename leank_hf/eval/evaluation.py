@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,15 +21,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .architectures import ModelSpec
-from .baselines import random_masks, think_masks
-from .cache import LeanKCache
-from .checks import check_range
-from .compat import cache_kwargs
-from .data import prose_text
-from .masks import LeanKMasks
-from .training.data import check_depths, make_retrieval_dataset
-from .windows import DEFAULT_WINDOWS, WindowConfig
+from ..architectures import ModelSpec
+from ..cache import LeanKCache
+from ..checks import check_range
+from ..masks import LeanKMasks
+from ..methods import calibrated_masks, random_masks, think_masks
+from ..windows import DEFAULT_WINDOWS, WindowConfig
+from .metrics import answers_correctly, decoded_logits, heldout_windows, next_token_agreement
+from .prose import prose_text
+from .retrieval import check_depths, make_retrieval_dataset
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,51 +77,6 @@ class EvaluationArguments:
             )
         check_depths(self.retrieval_depths, name="retrieval_depths")
         check_range(self.seed, 0, name="seed", integer=True)
-
-
-def heldout_windows(tokenizer: PreTrainedTokenizerBase, tokens: int, count: int) -> list[torch.Tensor]:
-    """`count` windows `[1, tokens]` of the held-out chapters, spread evenly over them (overlapping if needed)."""
-    ids = tokenizer(prose_text("heldout"), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    if ids.shape[1] < tokens:
-        raise ValueError(f"the held-out text has {ids.shape[1]} tokens, fewer than the {tokens} asked for")
-    last = ids.shape[1] - tokens
-    starts = [round(i * last / max(1, count - 1)) for i in range(count)]
-    return [ids[:, s : s + tokens] for s in starts]
-
-
-def decoded_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache, positions: int) -> torch.Tensor:
-    """`[positions, vocab]` fp32 logits at the last `positions` tokens of `input_ids` `[1, T]`: the tokens before
-    them are prefilled exactly, then each of them is fed one at a time on `cache`."""
-    device = model.device
-    input_ids = input_ids.to(device)
-    split = input_ids.shape[1] - positions
-    with torch.no_grad():
-        model(input_ids=input_ids[:, :split], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
-        steps = [
-            model(input_ids=input_ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits[0, -1].float()
-            for t in range(split, input_ids.shape[1])
-        ]
-    return torch.stack(steps)
-
-
-def next_token_agreement(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
-    """(mean KL(reference ‖ logits), share of positions with the same top-1 token) over `[positions, vocab]`."""
-    log_p, log_q = reference.log_softmax(-1), logits.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-    top1 = (reference.argmax(-1) == logits.argmax(-1)).float().mean()
-    return float(kl), float(top1)
-
-
-def answers_correctly(model: PreTrainedModel, tokenizer, prompt_ids: list[int], answer: str, cache) -> bool:
-    """Greedy-decode the answer with `cache` and check that it contains `answer` (small models often restate the
-    question first, hence the room beyond the answer's length)."""
-    device = model.device
-    ids = torch.tensor([prompt_ids], device=device)
-    answer_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), do_sample=False,
-                             max_new_tokens=answer_tokens + 24, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
-    return answer in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def evaluate(
@@ -209,7 +163,7 @@ def standard_methods(
 
         @functools.cache
         def calibrated(ratio: float) -> LeanKMasks:
-            return LeanKMasks.from_calibration(model, ids, keep_ratio=ratio, **window_fields)
+            return calibrated_masks(model, ids, keep_ratio=ratio, **window_fields)
 
         methods["calibration"] = lambda ratio, prompt: calibrated(ratio)
     if "think" in baselines:
@@ -217,54 +171,3 @@ def standard_methods(
     if "random" in baselines:
         methods["random"] = lambda ratio, prompt: random_masks(spec, ratio, **window_fields)
     return methods
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of `evaluate` rows."""
-    lines = ["| method | keep ratio | KL | top-1 agreement | retrieval (of full cache's) |", "|---|---|---|---|---|"]
-    for row in rows:
-        retrieval = "n/a" if row["retrieval"] is None else f"{row['retrieval']:.2f}"
-        retrieval += f" ({row['full_cache_solved']} solved)" if "full_cache_solved" in row else ""
-        lines.append(
-            f"| {row['method']} | {row['keep_ratio']:.2f} | {row['kl']:.4f} | {row['top1']:.3f} | {retrieval} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Write `accuracy_png` to `path` (atomically)."""
-    from .io import atomic_write_bytes
-
-    atomic_write_bytes(path, accuracy_png(rows))
-
-
-def accuracy_png(rows: Sequence[dict[str, Any]]) -> bytes:
-    """PNG bytes: top-1 agreement, KL and retrieval against keep ratio, one line per method (on a `Figure` of its
-    own: the user's matplotlib backend and pyplot state stay as they are)."""
-    from matplotlib.figure import Figure
-
-    from .card import figure_png
-
-    metrics = [
-        ("top1", "top-1 agreement with full cache"),
-        ("kl", "KL(full ‖ method)"),
-        ("retrieval", "retrieval kept"),
-    ]
-    figure = Figure(figsize=(5 * len(metrics), 4), layout="constrained")
-    axes = figure.subplots(1, len(metrics))
-    methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m != FULL_CACHE]
-    for axis, (key, title) in zip(axes, metrics, strict=True):
-        for method in methods:
-            points = sorted(
-                (row["keep_ratio"], row[key]) for row in rows if row["method"] == method and row[key] is not None
-            )
-            if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=method)
-        if key != "kl":
-            axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=FULL_CACHE)
-        else:
-            axis.set_yscale("log")
-        axis.set(xlabel="key channels kept", title=title)
-        axis.grid(alpha=0.3)
-    axes[0].legend()
-    return figure_png(figure, dpi=120)

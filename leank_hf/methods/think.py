@@ -1,7 +1,5 @@
-"""Masks that learned masks are compared against: ThinK-style per-prompt selection and random channels.
-
-(The training-free calibration heuristic is `LeanKMasks.from_calibration`.)
-"""
+"""ThinK-style masks (arXiv 2407.21018): channels chosen per prompt from its own queries, a baseline for learned
+masks."""
 
 from __future__ import annotations
 
@@ -9,10 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .architectures import ModelSpec
-from .attention import observing
-from .masks import LeanKMasks
-from .selection import DEFAULT_ALIGN, select_channels
+from ..architectures import ModelSpec
+from ..attention import observing
+from ..masks import LeanKMasks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -50,14 +47,3 @@ def think_masks(
     mask[spec.leank_layers] = torch.zeros_like(mask[spec.leank_layers]).scatter_(-1, top, True)
     method = {"name": "think", "keep_ratio": keep_ratio, "query_window": window}
     return LeanKMasks(mask, align=1, layer_types=spec.layer_types, model_type=spec.model_type, method=method, **config)
-
-
-def random_masks(spec: ModelSpec, keep_ratio: float, align: int = DEFAULT_ALIGN, seed: int = 0, **config) -> LeanKMasks:
-    """Channels kept at random (global selection on random scores, counts aligned like learned masks)."""
-    generator = torch.Generator().manual_seed(seed)
-    scores = torch.rand(spec.num_layers, spec.num_kv_heads, spec.head_dim, generator=generator)
-    mask = select_channels(scores, keep_ratio, align, layers=spec.leank_layers)
-    method = {"name": "random", "keep_ratio": keep_ratio, "seed": seed}
-    return LeanKMasks(
-        mask, align=align, layer_types=spec.layer_types, model_type=spec.model_type, method=method, **config
-    )
