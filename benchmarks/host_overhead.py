@@ -80,7 +80,7 @@ def main() -> None:
     def attention_only(layer: LeanKLayer, version: bool) -> None:
         # The window's last stored token stands in for this step's, so the window never flushes.
         new = NewTokens(key, value, None)
-        layer.attention(query, layer.view(), scaling, new, layer.stores_version if version else None)
+        layer.attention(query, layer.view(), scaling, new, layer.store.version if version else None)
 
     setups: list[tuple[str, Callable, Callable, SDPBackend]] = [
         ("LeanK layer step (update + attention)", filled_leank_layer, leank_step, SDPBackend.FLASH_ATTENTION),

@@ -110,12 +110,19 @@ def drive_layer(
 
 def tensors_held(layer) -> dict[str, list[torch.Tensor]]:
     """Every tensor `layer` holds for its tokens, by kind ("keys", "values", "other"), found by walking its attributes
-    (not the list `memory` counts): the mask and its layout, fixed per layer, are left out."""
+    and those of every object of `leank_hf.stores` it reaches (not the list `memory` counts): the mask and its layout,
+    fixed per layer, are left out."""
     held = {"keys": [], "values": [], "other": []}
-    for name, value in vars(layer).items():
-        if name != "channel_mask" and isinstance(value, torch.Tensor):
-            kind = "keys" if name.endswith("keys") else "values" if name.endswith("values") else "other"
-            held[kind].append(value)
+
+    def walk(owner) -> None:
+        for name, value in vars(owner).items():
+            if isinstance(value, torch.Tensor) and name != "channel_mask":
+                kind = "keys" if name.endswith("keys") else "values" if name.endswith("values") else "other"
+                held[kind].append(value)
+            elif type(value).__module__.startswith("leank_hf.stores."):
+                walk(value)
+
+    walk(layer)
     return held
 
 

@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicLayer
 from leank_hf.cache_layer import LeanKLayer
 from leank_hf.kernels import LeanKAttention
 from leank_hf.kernels import layout as layout_module
+from leank_hf.stores import GrowableStore
 
 from .dense_reference import window_sizes
 from .helpers import drive_layer, random_mask, storage_bytes, tensors_held
@@ -88,7 +89,7 @@ def test_decode_flushes_without_padding_read_nothing_back_from_the_gpu(monkeypat
     the host, reading nothing back from the GPU; with padding every flush does. Outputs match the dense definition
     either way."""
     reads, flushing = [], []
-    settle = LeanKLayer.settle
+    settle = GrowableStore.settle
 
     def counted(name):  # every way of reading a tensor's values on the host, counted inside `settle` (the flush)
         method = getattr(torch.Tensor, name)
@@ -100,16 +101,16 @@ def test_decode_flushes_without_padding_read_nothing_back_from_the_gpu(monkeypat
 
         return read
 
-    def settle_counted(layer):
-        flushing.append(layer)
+    def settle_counted(store):
+        flushing.append(store)
         try:
-            return settle(layer)
+            return settle(store)
         finally:
             flushing.pop()
 
     for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
-    monkeypatch.setattr(LeanKLayer, "settle", settle_counted)
+    monkeypatch.setattr(GrowableStore, "settle", settle_counted)
     generator = torch.Generator().manual_seed(9)
     for pads, decode_flushes_reading in (([0, 0], 0), ([0, 3], 7)):  # 28 steps, a flush every 4
         layer = LeanKLayer(random_mask(2, 32, 8, generator), sink=4, recent=8, block_size=4)
@@ -145,7 +146,7 @@ def test_middle_store_holds_only_kept_channels_and_no_full_keys(write_block, mon
         pass
     view = layer.view()
     kept_total = int(mask.sum())
-    for keys in (view.middle_keys, layer.middle_keys):
+    for keys in (view.middle_keys, layer.store.flushed.middle_keys):
         assert keys.shape[1] * keys.shape[3] == kept_total
     # Each stored chunk equals the kept channels of its head's full keys (chunk-major store).
     layout, full = layer.layout, torch.randn(2, 4, 5, 64, generator=generator)
@@ -196,9 +197,9 @@ def test_growth_is_amortised_and_reserved_capacity_small():
     layer = LeanKLayer(mask, sink=4, recent=32, block_size=16)
     reallocations, pointer = 0, None
     for _ in drive_layer(layer, [1000] + [1] * 1500, [0], 2, 32, torch.float32, generator):
-        if layer.middle_keys.data_ptr() != pointer:
+        if layer.store.flushed.middle_keys.data_ptr() != pointer:
             reallocations += 1
-            pointer = layer.middle_keys.data_ptr()
+            pointer = layer.store.flushed.middle_keys.data_ptr()
     # 1000 -> 2500 tokens with ~6 % growth per reallocation: about log(2.5) / log(1.0625) ~ 15, not one per block.
     assert reallocations <= 20
     report = layer.memory(0)
@@ -212,11 +213,12 @@ def test_prefill_stores_the_window_without_decode_room_and_decoding_adds_it_once
     layer = LeanKLayer(mask, sink=4, recent=32, block_size=16)
     pointers = set()
     for index, _ in enumerate(drive_layer(layer, [200] + [1] * 40, [0, 3], 4, 32, torch.float32, generator)):
+        window = layer.store.window
         if index == 0:
-            assert layer.recent_keys.shape[2] == layer.recent_values.shape[2] == layer.recent_valid.shape[1] == 32
+            assert window.keys.shape[2] == window.values.shape[2] == window.valid.shape[1] == 32
         else:
-            assert layer.recent_keys.shape[2] == 32 + 16  # recent + block_size: what the window holds between steps
-            pointers.add(layer.recent_keys.data_ptr())
+            assert window.keys.shape[2] == 32 + 16  # recent + block_size: what the window holds between steps
+            pointers.add(window.keys.data_ptr())
     assert len(pointers) == 1  # added at the first decode step, then kept
 
 
@@ -285,8 +287,8 @@ def test_real_middle_tokens_with_a_gap_leave_middle_start_unset():
 
 def test_reused_with_other_batch_size_raises():
     layer = LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2, block_size=1)
-    layer.update(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16))
-    layer.commit(layer._pending, None)
+    step, _ = layer.update(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16))
+    layer.commit(step, None)
     with pytest.raises(ValueError, match="another batch size"):
         layer.update(torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16))
 

@@ -15,6 +15,7 @@ from leank_hf import LeanKCache
 from leank_hf.compat import cache_kwargs
 from leank_hf.kernels import LeanKAttention
 from leank_hf.static_layer import StaticLeanKLayer
+from leank_hf.stores import FixedStore
 
 from .conftest import FAMILIES, tiny_model
 from .helpers import keep_all, left_padded_batch, pruned, storage_bytes, tensors_held
@@ -48,7 +49,7 @@ def test_fixed_stores_decode_exactly_like_growing_ones(family):
     assert torch.equal(static_tokens, tokens)
     assert_close(static_logits, logits, torch.float32)
     layers = [layer for layer in cache.layers if isinstance(layer, StaticLeanKLayer)]
-    assert layers and all(layer._frozen for layer in layers)
+    assert layers and all(isinstance(layer.store, FixedStore) for layer in layers)
     assert all(int(layer.get_seq_length()) == tokens.shape[1] - 1 for layer in layers)  # the last token is not fed
 
 
