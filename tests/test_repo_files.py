@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from leank_hf import LeanKMasks
-from leank_hf.masks.repo_files import CONFIG_NAME, MASKS_NAME
+from leank_hf.masks.repo_files import CONFIG_NAME, MASKS_NAME, encode_masks
 
 from .helpers import aligned_mask
 
@@ -224,3 +224,9 @@ def test_racing_writers_and_a_reader_see_one_whole_repo_or_the_other(tmp_path, m
     assert seen, "the reader never got a load in"
     assert LeanKMasks.from_pretrained(tmp_path) in (first, second)
     assert {p.name for p in tmp_path.iterdir()} == REPO_FILES
+
+
+def test_equal_masks_are_saved_as_equal_bytes():
+    """Saving is reproducible: the same masks give the same files and checksum, call after call."""
+    masks = LeanKMasks(aligned_mask(), base_model="org/model")
+    assert len({encode_masks(masks) for _ in range(20)}) == 1

@@ -52,10 +52,9 @@ FILE_FIELDS = ("format_version", "num_layers", "num_kv_heads", "head_dim", "keep
 
 def encode_masks(masks: LeanKMasks) -> tuple[bytes, bytes]:
     """The bytes of the masks file and of the config naming its SHA-256; a value JSON cannot hold raises here."""
-    masks_bytes = save(
-        {MASK_TENSOR: masks.channel_mask.to(torch.uint8)},
-        metadata={"format": "pt", "source_model": masks.base_model or ""},
-    )
+    # One metadata key: safetensors writes several in an order that changes from call to call, and equal masks must
+    # give equal bytes (and checksums). The model they are for is in the config.
+    masks_bytes = save({MASK_TENSOR: masks.channel_mask.to(torch.uint8)}, metadata={"format": "pt"})
     config = json_bytes({**masks.to_config_dict(), "masks_sha256": sha256(masks_bytes)}, CONFIG_NAME)
     return masks_bytes, config
 
