@@ -23,8 +23,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from leank_hf import LeanKMasks
-from leank_hf.attention import leank_attention_forward
-from leank_hf.cache_layer import LeanKLayer
+from leank_hf.cache.attention import leank_attention_forward
+from leank_hf.cache.layer import LeanKLayer
 from leank_hf.kernels import NewTokens
 from leank_hf.kernels.decode import leank_decode_triton
 

@@ -1,8 +1,7 @@
 """LeanK for Hugging Face transformers: learnable K-cache channel pruning as a drop-in cache (arXiv 2508.02215)."""
 
 from .architectures import SUPPORTED_MODEL_TYPES, ModelSpec
-from .attention import register
-from .cache import LeanKCache
+from .cache import LeanKCache, register
 from .masks import LeanKMasks, select_channels, zoo_names
 from .memory import LayerMemory, MemoryReport
 from .methods import calibrated_masks, random_masks, think_masks

@@ -233,7 +233,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     from transformers import DynamicCache
 
-    from .cache import LeanKCache
+    from .cache.leank_cache import LeanKCache
 
     source = model_source(args)
     masks = LeanKMasks.from_pretrained(args.masks)

@@ -13,8 +13,8 @@ from transformers.masking_utils import sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from leank_hf import LeanKCache, LeanKMasks, ModelSpec
-from leank_hf.attention import leank_attention_forward
-from leank_hf.cache_layer import LeanKLayer
+from leank_hf.cache.attention import leank_attention_forward
+from leank_hf.cache.layer import LeanKLayer
 from leank_hf.compat import cache_kwargs
 from leank_hf.kernels import ChannelLayout, PrunedKV, leank_attention_reference
 
@@ -110,8 +110,8 @@ def drive_layer(
 
 def tensors_held(layer) -> dict[str, list[torch.Tensor]]:
     """Every tensor `layer` holds for its tokens, by kind ("keys", "values", "other"), found by walking its attributes
-    and those of every object of `leank_hf.stores` it reaches (not the list `memory` counts): the mask and its layout,
-    fixed per layer, are left out."""
+    and those of every object of `leank_hf.cache.stores` it reaches (not the list `memory` counts): the mask and its
+    layout, fixed per layer, are left out."""
     held = {"keys": [], "values": [], "other": []}
 
     def walk(owner) -> None:
@@ -119,7 +119,7 @@ def tensors_held(layer) -> dict[str, list[torch.Tensor]]:
             if isinstance(value, torch.Tensor) and name != "channel_mask":
                 kind = "keys" if name.endswith("keys") else "values" if name.endswith("values") else "other"
                 held[kind].append(value)
-            elif type(value).__module__.startswith("leank_hf.stores."):
+            elif type(value).__module__.startswith("leank_hf.cache.stores."):
                 walk(value)
 
     walk(layer)

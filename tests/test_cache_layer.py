@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from leank_hf.cache_layer import LeanKLayer
+from leank_hf.cache.layer import LeanKLayer
+from leank_hf.cache.stores import GrowableStore
 from leank_hf.kernels import LeanKAttention
 from leank_hf.kernels import layout as layout_module
-from leank_hf.stores import GrowableStore
 
 from .dense_reference import window_sizes
 from .helpers import drive_layer, random_mask, storage_bytes, tensors_held

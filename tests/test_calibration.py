@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leank_hf import LeanKCache, calibrated_masks, select_channels
-from leank_hf.attention import observing
+from leank_hf.cache.attention import observing
 from leank_hf.methods.calibration import ChannelStats
 
 from .conftest import tiny_model

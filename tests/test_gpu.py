@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from leank_hf import LeanKCache
-from leank_hf.cache_layer import LeanKLayer
+from leank_hf.cache.layer import LeanKLayer
 from leank_hf.compat import cache_kwargs
 
 from .conftest import tiny_model

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from leank_hf import LeanKCache, LeanKMasks, calibrated_masks
-from leank_hf.cache_layer import LeanKLayer
+from leank_hf.cache.layer import LeanKLayer
 from leank_hf.compat import cache_kwargs
 
 from .tolerances import assert_close

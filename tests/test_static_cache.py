@@ -12,10 +12,10 @@ from transformers import StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
 from leank_hf import LeanKCache
+from leank_hf.cache.static_layer import StaticLeanKLayer
+from leank_hf.cache.stores import FixedStore
 from leank_hf.compat import cache_kwargs
 from leank_hf.kernels import LeanKAttention
-from leank_hf.static_layer import StaticLeanKLayer
-from leank_hf.stores import FixedStore
 
 from .conftest import FAMILIES, tiny_model
 from .helpers import keep_all, left_padded_batch, pruned, storage_bytes, tensors_held

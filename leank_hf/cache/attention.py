@@ -23,7 +23,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-from .cache_layer import PendingStep
+from .layer import PendingStep
 
 ATTN_IMPLEMENTATION = "leank"
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .kernels import ChannelLayout, LeanKAttention, PrunedKV
-from .memory import LayerMemory
+from ..kernels import ChannelLayout, LeanKAttention, PrunedKV
+from ..memory import LayerMemory
 from .stores import NOT_LEANK_ATTENTION, GrowableStore, LeanKStore
 
 

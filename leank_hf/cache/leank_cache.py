@@ -10,13 +10,13 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
+from ..architectures import LEANK_LAYER_TYPE, ModelSpec, warn_if_nothing_is_pruned
+from ..masks import LeanKMasks
+from ..memory import LayerMemory, MemoryReport, held_bytes
+from ..windows import WindowConfig
 from . import attention
-from .architectures import LEANK_LAYER_TYPE, ModelSpec, warn_if_nothing_is_pruned
-from .cache_layer import LeanKLayer
-from .masks.leank_masks import LeanKMasks
-from .memory import LayerMemory, MemoryReport, held_bytes
+from .layer import LeanKLayer
 from .static_layer import StaticLeanKLayer
-from .windows import WindowConfig
 
 
 class LeanKCache(Cache):

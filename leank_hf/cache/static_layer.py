@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .cache_layer import LeanKLayer, PendingStep
-from .kernels import ChannelLayout
-from .kernels.compiled import register_layout
+from ..kernels import ChannelLayout
+from ..kernels.compiled import register_layout
+from .layer import LeanKLayer, PendingStep
 from .stores import FixedStore
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..architectures import ModelSpec
-from ..cache import LeanKCache
+from ..cache.leank_cache import LeanKCache
 from ..checks import check_range
 from ..masks import LeanKMasks
 from ..methods import calibrated_masks, random_masks, think_masks

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import ModelSpec, warn_if_nothing_is_pruned
-from ..attention import observing
+from ..cache.attention import observing
 from ..masks import DEFAULT_ALIGN, DEFAULT_KEEP_RATIO, LeanKMasks, as_hub_id, select_channels
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..architectures import ModelSpec
-from ..attention import observing
+from ..cache.attention import observing
 from ..masks import LeanKMasks
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..architectures import ModelSpec
-from ..attention import attending_with
+from ..cache.attention import attending_with
 from ..compat import cache_kwargs
 from ..eval.retrieval import IGNORE_INDEX
 from ..masks.hub import as_hub_id

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..attention import register_implementation
+from ..cache.attention import register_implementation
 
 STUDENT_IMPLEMENTATION = "leank_student"
 # Scores per chunk of answer queries (batch x q heads x queries x keys): 64 Mi elements, 256 MiB per fp32 tensor of

@@ -8,8 +8,8 @@ from typing import Protocol
 
 import torch
 
-from ..kernels import ChannelLayout, PrunedKV
-from ..memory import LayerMemory
+from ...kernels import ChannelLayout, PrunedKV
+from ...memory import LayerMemory
 
 # Why a step's keys did not reach LeanK's attention, and the fix: for errors of the layer and its stores.
 NOT_LEANK_ATTENTION = (

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels import PrunedKV
-from ..kernels.compiled import RegisteredLayout, pruned_attention
-from ..memory import LayerMemory, held_bytes
+from ...kernels import PrunedKV
+from ...kernels.compiled import RegisteredLayout, pruned_attention
+from ...memory import LayerMemory, held_bytes
 from .base import LeanKStore, Step
 from .growable import GrowableStore
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels import ChannelLayout, LeanKAttention, NewTokens, PrunedKV
-from ..memory import LayerMemory
+from ...kernels import ChannelLayout, LeanKAttention, NewTokens, PrunedKV
+from ...memory import LayerMemory
 from .base import NOT_LEANK_ATTENTION, LeanKStore, Step
 from .sink_middle import SinkAndMiddle
 from .window import RecentWindow

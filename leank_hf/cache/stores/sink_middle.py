@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels import ChannelLayout
-from ..memory import held_bytes
+from ...kernels import ChannelLayout
+from ...memory import held_bytes
 from .buffers import GROWTH_FRACTION, grown, live_bytes
 
 

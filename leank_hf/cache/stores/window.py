@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..memory import held_bytes
+from ...memory import held_bytes
 from .buffers import GROWTH_FRACTION, grown, live_bytes
 
 
