@@ -40,6 +40,11 @@ class LayerMemory:
         return self.key_bytes + self.value_bytes + self.other_bytes
 
 
+def _summed(name: str) -> property:
+    """A property of `MemoryReport`: the `LayerMemory` field `name`, summed over its layers."""
+    return property(lambda report: sum(getattr(layer, name) for layer in report.layers), doc=f"`{name}` of all layers")
+
+
 @dataclass(frozen=True)
 class MemoryReport:
     """Per-layer and total bytes held by a cache versus the stock cache it replaces (`baseline`): a `DynamicCache`
@@ -48,29 +53,12 @@ class MemoryReport:
     layers: tuple[LayerMemory, ...]
     baseline: str = "DynamicCache"
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(layer.total_bytes for layer in self.layers)
-
-    @property
-    def key_bytes(self) -> int:
-        return sum(layer.key_bytes for layer in self.layers)
-
-    @property
-    def value_bytes(self) -> int:
-        return sum(layer.value_bytes for layer in self.layers)
-
-    @property
-    def other_bytes(self) -> int:
-        return sum(layer.other_bytes for layer in self.layers)
-
-    @property
-    def reserved_bytes(self) -> int:
-        return sum(layer.reserved_bytes for layer in self.layers)
-
-    @property
-    def dense_bytes(self) -> int:
-        return sum(layer.dense_bytes for layer in self.layers)
+    total_bytes = _summed("total_bytes")
+    key_bytes = _summed("key_bytes")
+    value_bytes = _summed("value_bytes")
+    other_bytes = _summed("other_bytes")
+    reserved_bytes = _summed("reserved_bytes")
+    dense_bytes = _summed("dense_bytes")
 
     @property
     def saved_fraction(self) -> float:
