@@ -1,5 +1,6 @@
 """Low-bit middle stores (`leank_hf.kernels.quantization`): the round trip within the bound its arithmetic promises,
-the int4 byte layout, padding and degenerate groups."""
+the int4 byte layout, padding and degenerate groups, and the reference attention over a quantized middle against the
+float64 definition and against the unquantized cache."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 
+from leank_hf.kernels import ChannelLayout, PrunedKV, QuantizedPrunedKV, leank_attention_reference
 from leank_hf.kernels.quantization import (
     dequantize_keys,
     dequantize_values,
@@ -16,6 +18,10 @@ from leank_hf.kernels.quantization import (
     quantize_values,
     unpack_int4,
 )
+
+from .dense_reference import dense_leank_attention
+from .helpers import random_cache, random_mask, reference
+from .tolerances import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -195,3 +201,138 @@ def test_bad_settings_are_refused_with_the_fix():
         quantize_values(x, 4, 16)
     with pytest.raises(ValueError, match="block_size must be at least 1"):
         quantize_keys(x, 4, 0)
+
+
+# ------------------------------------------------------------------------------------------ attention, the oracle
+def pruned_from_dense(
+    keys: torch.Tensor, values: torch.Tensor, pad: list[int], sink: int, window: int, mask: torch.Tensor
+) -> PrunedKV:
+    """What a layer holds for full keys and values `[B, H, T, D]` of left-padded rows (`pad[b]` padding tokens first):
+    each row's first `sink` real tokens, the last `window` tokens (all real) and, between them, middle slot `c` for
+    token `sink + c`, real from slot `pad[b]` on."""
+    tokens = keys.shape[2]
+    layout = ChannelLayout.from_mask(mask)
+    middle = slice(sink, tokens - window)
+    starts = torch.tensor(pad)
+    return PrunedKV(
+        sink_keys=torch.stack([keys[b, :, p : p + sink] for b, p in enumerate(pad)]),
+        sink_values=torch.stack([values[b, :, p : p + sink] for b, p in enumerate(pad)]),
+        sink_lengths=torch.full((len(pad),), sink),
+        middle_keys=layout.pruned_keys(keys[:, :, middle]),
+        middle_values=values[:, layout.value_heads, middle],
+        middle_valid=torch.arange(tokens - window - sink) >= starts[:, None],
+        middle_start=starts,
+        recent_keys=keys[:, :, -window:],
+        recent_values=values[:, :, -window:],
+        recent_valid=torch.ones(len(pad), window, dtype=torch.bool),
+        layout=layout,
+    )
+
+
+def with_middle(keys, values, sink, cache: PrunedKV):
+    """Full keys and values whose real middle tokens have `cache`'s kept key channels and value rows instead."""
+    layout, batch, middle = cache.layout, keys.shape[0], cache.middle_len
+    keys, values = keys.clone(), values.clone()
+    real = cache.middle_valid  # [B, M]; the other slots are padding or sink tokens
+    kept = cache.middle_keys.permute(1, 3, 0, 2).reshape(-1, batch, middle)  # [C, B, M], store order
+    key_slots = keys[:, :, sink : sink + middle]
+    key_slots[:, layout.lane_heads, :, layout.lane_channels] = torch.where(
+        real, kept, key_slots[:, layout.lane_heads, :, layout.lane_channels]
+    )
+    value_slots = values[:, layout.value_heads, sink : sink + middle]
+    values[:, layout.value_heads, sink : sink + middle] = torch.where(real[:, None, :, None], cache.middle_values,
+                                                                      value_slots)  # fmt: skip
+    return keys, values
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("group", "steps"), [(1, 1), (4, 1), (4, 5)])
+def test_quantized_reference_matches_the_float64_definition(bits, group, steps):
+    """Left padding (one row's middle starts 37 slots later), a fully pruned head, GQA, 150 middle tokens (a partial
+    last block of 64), and multi-token steps: the reference over the quantized middle is LeanK attention, by its
+    float64 definition, over keys and values whose middle is what the quantized store gives back."""
+    heads, head_dim, sink, window, pad = 3, 64, 5, 24, [0, 37]
+    tokens = sink + max(pad) + 150 + window
+    generator = torch.Generator().manual_seed(bits * 10 + group + steps)
+    keys, values = (outlier_data(2, heads, tokens, head_dim, seed=seed) for seed in (group, steps))
+    queries = torch.randn(2, heads * group, steps, head_dim, generator=generator)
+    mask = random_mask(heads, head_dim, 16, generator, prune_head=1)
+    valid = torch.arange(tokens) >= torch.tensor(pad)[:, None]
+    cache = pruned_from_dense(keys, values, pad, sink, window, mask)
+    scaling = head_dim**-0.5
+
+    def definition(keys, values):
+        return dense_leank_attention(
+            queries, keys, values, valid, tokens - steps, window - steps, mask, sink, scaling
+        ).float()
+
+    assert_close(leank_attention_reference(queries, cache, scaling), definition(keys, values), torch.float32)
+    quantized = QuantizedPrunedKV.quantize(cache, bits, 64, 32)
+    expected = definition(*with_middle(keys, values, sink, quantized.dequantized()))
+    assert_close(leank_attention_reference(queries, quantized, scaling), expected, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    ("batch", "q_heads", "heads", "middle", "steps"),
+    [(1, 4, 2, 63, 1), (3, 8, 2, 130, 1), (2, 3, 3, 65, 4), (2, 4, 1, 0, 1)],
+)
+def test_quantized_reference_is_the_reference_on_the_dequantized_middle(bits, batch, q_heads, heads, middle, steps):
+    """Ragged sinks, ragged middle starts and holes in the window (`random_cache`): the same numbers as the unquantized
+    reference run on the dequantized cache, to fp32 rounding."""
+    cache = random_cache(batch, heads, 64, 16, 4, middle, 9, torch.float32, seed=middle + bits, prune_head=0)
+    query = torch.randn(batch, q_heads, steps, 64, generator=torch.Generator().manual_seed(middle))
+    quantized = QuantizedPrunedKV.quantize(cache, bits, 16, 32)
+    out = leank_attention_reference(query, quantized, 0.125)
+    torch.testing.assert_close(out, reference(query, quantized.dequantized(), 0.125), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_reference_in_bf16_attends_its_middle_in_fp32(bits):
+    cache = random_cache(2, 2, 64, 16, 4, 100, 9, torch.bfloat16, seed=bits)
+    query = torch.randn(2, 8, 1, 64, generator=torch.Generator().manual_seed(bits)).bfloat16()
+    quantized = QuantizedPrunedKV.quantize(cache, bits, 64, 32)
+    out = leank_attention_reference(query, quantized, 0.125)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, reference(query, quantized.dequantized(), 0.125), torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_attention_stays_close_to_the_unquantized(bits):
+    """Attention over the middle alone (sink and window emptied, so nothing dilutes the middle's error) of N(0, 1)
+    keys and values. Rounding to a grid of step s adds noise of RMS s / sqrt(12); a block of 64 normal keys spans
+    about 5 sigma (a group of 32 values a little less), so s ~ 5 / (2**bits - 1). With scaling * |q| ~ 1 the score
+    noise is that of the keys, and the output's relative error is about the keys' and the values' noise added in
+    quadrature: sqrt(2) * 5 / ((2**bits - 1) sqrt(12)), 0.136 at 4 bits and 0.008 at 8 bits. The error must be within
+    1.5x of it, and above a third of it (the middle really was quantized)."""
+    expected = math.sqrt(2) * 5 / ((2**bits - 1) * math.sqrt(12))
+    for seed in range(3):
+        cache = random_cache(2, 4, 64, 16, 4, 512, 9, torch.float32, seed=seed)
+        cache = cache._replace(sink_lengths=torch.zeros_like(cache.sink_lengths),
+                               recent_valid=torch.zeros_like(cache.recent_valid))  # fmt: skip
+        query = torch.randn(2, 16, 1, 64, generator=torch.Generator().manual_seed(seed))
+        exact = reference(query, cache, 0.125)
+        quantized = leank_attention_reference(query, QuantizedPrunedKV.quantize(cache, bits, 64, 32), 0.125)
+        error = float((quantized - exact).norm() / exact.norm())
+        assert expected / 3 < error < 1.5 * expected, (
+            f"seed {seed}: relative error {error:.4f}, expected ~{expected:.4f}"
+        )
+
+
+def test_quantizing_a_cache_ignores_what_its_padding_slots_hold():
+    """Rows whose middle starts later (`random_cache`'s ragged starts): huge values in their padding slots change
+    neither a scale nor the attention."""
+    cache = random_cache(3, 2, 64, 16, 4, 130, 9, torch.float32, seed=5)
+    assert (cache.middle_start > 0).any()
+    padding = ~cache.middle_valid
+    poisoned = cache._replace(
+        middle_keys=cache.middle_keys.masked_fill(padding[:, None, :, None], 1e4),
+        middle_values=cache.middle_values.masked_fill(padding[:, None, :, None], -1e4),
+    )
+    clean, dirty = (QuantizedPrunedKV.quantize(c, 4, 64, 32) for c in (cache, poisoned))
+    for name in ("key_scales", "key_zeros", "value_scales", "value_zeros"):
+        assert torch.equal(getattr(clean, name), getattr(dirty, name)), name
+    query = torch.randn(3, 4, 1, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        leank_attention_reference(query, dirty, 0.125), leank_attention_reference(query, clean, 0.125)
+    )
