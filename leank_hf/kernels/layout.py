@@ -185,8 +185,9 @@ class QuantizedPrunedKV(NamedTuple):
     grows a middle store along tokens or rows works on them unchanged; the key scales go by blocks of tokens instead.
 
     Attributes:
-        cache: the `PrunedKV`, with `middle_keys` the keys' codes `[B, C / chunk, M, chunk * bits / 8]` and
-            `middle_values` the values' `[B, Hv, M, D * bits / 8]` (`QuantizedKeys.data`, `QuantizedValues.data`).
+        cache: the `PrunedKV`, with `middle_keys` the keys' codes `[B, C / chunk, M, ceil(chunk * bits / 8)]` and
+            `middle_values` the values' `[B, Hv, M, ceil(D * bits / 8)]` (`QuantizedKeys.data`,
+            `QuantizedValues.data`).
         key_scales: `[B, C / chunk, ceil(M / block_size), chunk]` fp16; block `i` holds middle slots
             `[i * block_size, (i + 1) * block_size)` (each row's own scales: padding never widens them).
         key_zeros: like `key_scales`.

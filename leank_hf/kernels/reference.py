@@ -21,7 +21,7 @@ def leank_attention_reference(query: torch.Tensor, cache: PrunedKV | QuantizedPr
 
     Args:
         query: `[B, Hq, Q, D]`; the `Hq / H` query heads of a KV head are consecutive (GQA).
-        cache: the stored tokens plus this step's, see `PrunedKV`.
+        cache: the stored tokens plus this step's, see `PrunedKV` (or `QuantizedPrunedKV`).
         scaling: multiplier of q·k (1/sqrt(D) for most models).
 
     Returns:
