@@ -8,6 +8,15 @@ from typing import NamedTuple
 
 import torch
 
+from .quantization import (
+    QuantizedKeys,
+    QuantizedValues,
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+)
+
 # Tokens written to the middle stores per step of `ChannelLayout.write_middle`.
 _WRITE_BLOCK = 1024
 
@@ -166,6 +175,61 @@ class PrunedKV(NamedTuple):
     @property
     def middle_len(self) -> int:
         return self.middle_valid.shape[1]
+
+
+class QuantizedPrunedKV(NamedTuple):
+    """One layer's stored LeanK cache with its middle quantized (see `quantization.py`): a `PrunedKV` whose middle keys
+    and values are the uint8 codes, and their scales and zeros beside it.
+
+    The codes keep the token axis of the float stores (int4 packs along channels), so whatever slices, reorders or
+    grows a middle store along tokens or rows works on them unchanged; the key scales go by blocks of tokens instead.
+
+    Attributes:
+        cache: the `PrunedKV`, with `middle_keys` the keys' codes `[B, C / chunk, M, ceil(chunk * bits / 8)]` and
+            `middle_values` the values' `[B, Hv, M, ceil(D * bits / 8)]` (`QuantizedKeys.data`,
+            `QuantizedValues.data`).
+        key_scales: `[B, C / chunk, ceil(M / block_size), chunk]` fp16; block `i` holds middle slots
+            `[i * block_size, (i + 1) * block_size)` (each row's own scales: padding never widens them).
+        key_zeros: like `key_scales`.
+        value_scales: `[B, Hv, M, D / group_size]` fp16.
+        value_zeros: like `value_scales`.
+        bits: 4 or 8.
+        block_size: middle slots per block of key scales.
+        group_size: channels per group of value scales.
+    """
+
+    cache: PrunedKV
+    key_scales: torch.Tensor
+    key_zeros: torch.Tensor
+    value_scales: torch.Tensor
+    value_zeros: torch.Tensor
+    bits: int
+    block_size: int
+    group_size: int
+
+    @classmethod
+    def quantize(cls, cache: PrunedKV, bits: int, block_size: int, group_size: int) -> QuantizedPrunedKV:
+        """`cache` with its middle quantized; its padding slots (`middle_valid` False) never widen a range."""
+        valid = cache.middle_valid[:, None, :]
+        keys = quantize_keys(cache.middle_keys, bits, block_size, valid)
+        values = quantize_values(cache.middle_values, bits, group_size, valid)
+        codes = cache._replace(middle_keys=keys.data, middle_values=values.data)
+        return cls(codes, keys.scales, keys.zeros, values.scales, values.zeros, bits, block_size, group_size)
+
+    @property
+    def middle_keys(self) -> QuantizedKeys:
+        return QuantizedKeys(self.cache.middle_keys, self.key_scales, self.key_zeros, self.bits, self.block_size)
+
+    @property
+    def middle_values(self) -> QuantizedValues:
+        return QuantizedValues(
+            self.cache.middle_values, self.value_scales, self.value_zeros, self.bits, self.group_size
+        )
+
+    def dequantized(self) -> PrunedKV:
+        """The `PrunedKV` this cache stands for, its middle in fp32 (a copy: for the reference and tests only)."""
+        keys, values = dequantize_keys(self.middle_keys), dequantize_values(self.middle_values)
+        return self.cache._replace(middle_keys=keys, middle_values=values)
 
 
 class NewTokens(NamedTuple):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .layout import PrunedKV
+from .layout import PrunedKV, QuantizedPrunedKV
 
 
-def leank_attention_reference(query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
+def leank_attention_reference(query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, scaling: float) -> torch.Tensor:
     """Attention of this step's `Q` queries over a pruned cache whose window ends with this step's `Q` tokens.
 
     Keys are the union of: the sink and window tokens at full width (the last `Q` window tokens are this step's own
@@ -16,14 +16,19 @@ def leank_attention_reference(query: torch.Tensor, cache: PrunedKV, scaling: flo
     weight; a query with no valid key returns zeros. Scores follow eager attention's precision: products in the
     input dtype, softmax in fp32.
 
+    A quantized middle (`QuantizedPrunedKV`) is dequantized to fp32 first, and its products are in fp32 whatever the
+    query dtype, as the decode kernel dequantizes in registers: this is the quantized kernel's oracle.
+
     Args:
         query: `[B, Hq, Q, D]`; the `Hq / H` query heads of a KV head are consecutive (GQA).
-        cache: the stored tokens plus this step's, see `PrunedKV`.
+        cache: the stored tokens plus this step's, see `PrunedKV` (or `QuantizedPrunedKV`).
         scaling: multiplier of q·k (1/sqrt(D) for most models).
 
     Returns:
         `[B, Hq, Q, D]` attention output in the query dtype.
     """
+    if isinstance(cache, QuantizedPrunedKV):
+        cache = cache.dequantized()
     # Multi-token steps (chunked prefill) attend in blocks of queries, so the fp32 scores stay under
     # _SCORE_ELEMENTS instead of growing with Q x context.
     batch, num_q_heads, q_len, _ = query.shape
@@ -63,6 +68,8 @@ def _attend_block(query: torch.Tensor, first: int, q_len: int, cache: PrunedKV, 
     # chunks of a head add up. Heads that keep nothing get -inf: their middle tokens get no weight at all.
     q_by_channel = q.transpose(1, 2).reshape(batch, group * block, num_heads * head_dim)
     q_chunks = q_by_channel.index_select(-1, layout.packed_index).view(batch, group * block, -1, layout.chunk)
+    # (A dequantized middle is fp32: its products are too.)
+    q_chunks = q_chunks.to(cache.middle_keys.dtype)
     chunk_scores = q_chunks.transpose(1, 2) @ cache.middle_keys.transpose(-1, -2)  # [B, chunks, GQ, M]
     middle_scores = chunk_scores.new_zeros(batch, num_heads, group * block, middle_len, dtype=torch.float32)
     middle_scores.index_add_(1, layout.chunk_heads, chunk_scores.float())
@@ -73,12 +80,14 @@ def _attend_block(query: torch.Tensor, first: int, q_len: int, cache: PrunedKV, 
     scores = torch.cat([sink_scores, middle_scores, window_scores], dim=-1) * scaling
     # A query row with no valid key (e.g. padding queries) would give NaN from softmax: give it zero weights.
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(scores.amax(-1, keepdim=True) > -torch.inf, probs, 0.0).to(cache.recent_values.dtype)
+    probs = torch.where(scores.amax(-1, keepdim=True) > -torch.inf, probs, 0.0)
     p_sink, p_mid, p_window = probs.split([sink_slots, middle_len, window], dim=-1)
 
-    out = p_sink @ cache.sink_values + p_window @ cache.recent_values
+    dtype = cache.recent_values.dtype
+    out = p_sink.to(dtype) @ cache.sink_values + p_window.to(dtype) @ cache.recent_values
     if len(layout.value_heads):
-        out.index_add_(1, layout.value_heads, p_mid.index_select(1, layout.value_heads) @ cache.middle_values)
+        p_mid = p_mid.index_select(1, layout.value_heads).to(cache.middle_values.dtype)
+        out.index_add_(1, layout.value_heads, (p_mid @ cache.middle_values).to(dtype))
     return out.reshape(batch, num_q_heads, block, head_dim).to(query.dtype)
 
 
