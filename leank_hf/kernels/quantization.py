@@ -113,7 +113,7 @@ def quantize_keys(keys: torch.Tensor, bits: int, block_size: int, valid: torch.T
     pad = blocks * block_size - tokens
     flags = F.pad(_flags(valid, keys), (0, pad)).view(*lead, blocks, block_size, 1)
     x = F.pad(keys.float(), (0, 0, 0, pad)).view(*lead, blocks, block_size, channels)
-    codes, scales, zeros = _quantize_groups(x, flags, -2, levels, METADATA_DTYPE)
+    codes, scales, zeros = _quantize_groups(x, flags, -2, levels)
     codes = codes.view(*lead, blocks * block_size, channels)[..., :tokens, :]
     return QuantizedKeys(_pack(codes, bits), scales, zeros, bits, block_size)
 
@@ -138,7 +138,7 @@ def quantize_values(
         )
     flags = _flags(valid, values)[..., None, None]
     x = values.float().view(*lead, tokens, dim // group_size, group_size)
-    codes, scales, zeros = _quantize_groups(x, flags, -1, levels, METADATA_DTYPE)
+    codes, scales, zeros = _quantize_groups(x, flags, -1, levels)
     return QuantizedValues(_pack(codes.view(*lead, tokens, dim), bits), scales, zeros, bits, group_size)
 
 
@@ -191,7 +191,7 @@ def _flags(valid: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_groups(
-    x: torch.Tensor, valid: torch.Tensor, dim: int, levels: int, metadata_dtype: torch.dtype
+    x: torch.Tensor, valid: torch.Tensor, dim: int, levels: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 codes of fp32 `x` (its shape), and the scales and zeros of the groups along `dim` (that axis dropped),
     over the elements that `valid` (broadcastable to `x`) flags."""
