@@ -1,4 +1,4 @@
-"""`LeanKLayer`: one layer of a LeanK cache as transformers sees it; its tokens live in a store (`leank_hf.stores`)."""
+"""`LeanKLayer`: one layer of a LeanK cache as transformers sees it; its tokens live in a store (`stores`)."""
 
 from __future__ import annotations
 
