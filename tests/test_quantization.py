@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from leank_hf.kernels import ChannelLayout, PrunedKV, QuantizedPrunedKV, leank_attention_reference
+from leank_hf.kernels import reference as reference_module
 from leank_hf.kernels.quantization import (
     dequantize_keys,
     dequantize_values,
@@ -336,3 +337,28 @@ def test_quantizing_a_cache_ignores_what_its_padding_slots_hold():
     torch.testing.assert_close(
         leank_attention_reference(query, dirty, 0.125), leank_attention_reference(query, clean, 0.125)
     )
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_quantized_reference_dequantizes_one_tile_at_a_time(monkeypatch, steps):
+    """A middle of 130 slots read in tiles of 32 (two key blocks of 16): no dequantized tensor covers more than a tile,
+    and the attention is the one-tile attention, to fp32 rounding."""
+    cache = random_cache(2, 2, 64, 16, 4, 130, 9, torch.float32, seed=steps)
+    query = torch.randn(2, 4, steps, 64, generator=torch.Generator().manual_seed(steps))
+    quantized = QuantizedPrunedKV.quantize(cache, 4, 16, 32)
+    whole = leank_attention_reference(query, quantized, 0.125)
+    widths = []
+
+    def recording(dequantize):
+        def dequantized(part):
+            widths.append(part.data.shape[-2])
+            return dequantize(part)
+
+        return dequantized
+
+    monkeypatch.setattr(reference_module, "_DEQUANTIZED_TOKENS", 20)  # rounded up to whole blocks: 32
+    monkeypatch.setattr(reference_module, "dequantize_keys", recording(reference_module.dequantize_keys))
+    monkeypatch.setattr(reference_module, "dequantize_values", recording(reference_module.dequantize_values))
+    tiled = leank_attention_reference(query, quantized, 0.125)
+    assert max(widths) == 32 and sum(widths) == 2 * 130  # keys for the scores, values for the output
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)

@@ -68,6 +68,17 @@ class QuantizedKeys(NamedTuple):
     bits: int
     block_size: int
 
+    def tokens(self, start: int, stop: int) -> QuantizedKeys:
+        """Tokens `[start, stop)` (views), `start` a multiple of `block_size`: its blocks start where this one's do."""
+        if start % self.block_size:
+            raise ValueError(
+                f"a slice of quantized keys starts on a block boundary, got {start} (block_size {self.block_size})"
+            )
+        blocks = slice(start // self.block_size, -(-stop // self.block_size))
+        return self._replace(
+            data=self.data[..., start:stop, :], scales=self.scales[..., blocks, :], zeros=self.zeros[..., blocks, :]
+        )
+
 
 class QuantizedValues(NamedTuple):
     """Values `[..., T, D]` quantized per token in groups of `group_size` consecutive channels.
@@ -85,6 +96,13 @@ class QuantizedValues(NamedTuple):
     zeros: torch.Tensor
     bits: int
     group_size: int
+
+    def tokens(self, start: int, stop: int) -> QuantizedValues:
+        """Tokens `[start, stop)` (views)."""
+        tokens = slice(start, stop)
+        return self._replace(
+            data=self.data[..., tokens, :], scales=self.scales[..., tokens, :], zeros=self.zeros[..., tokens, :]
+        )
 
 
 def check_bits(bits: int) -> int:
