@@ -117,7 +117,9 @@ def tensors_held(layer) -> dict[str, list[torch.Tensor]]:
     def walk(owner) -> None:
         for name, value in vars(owner).items():
             if isinstance(value, torch.Tensor) and name != "channel_mask":
-                kind = "keys" if name.endswith("keys") else "values" if name.endswith("values") else "other"
+                # A quantized middle's scales and zeros count with what they scale (key_scales, value_zeros, ...).
+                kind = next((k for k in ("keys", "values") if name.endswith(k) or name.startswith(k[:-1] + "_")),
+                            "other")  # fmt: skip
                 held[kind].append(value)
             elif type(value).__module__.startswith("leank_hf.cache.stores."):
                 walk(value)

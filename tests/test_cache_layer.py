@@ -146,7 +146,7 @@ def test_middle_store_holds_only_kept_channels_and_no_full_keys(write_block, mon
         pass
     view = layer.view()
     kept_total = int(mask.sum())
-    for keys in (view.middle_keys, layer.store.flushed.middle_keys):
+    for keys in (view.middle_keys, layer.store.flushed.middle.keys):
         assert keys.shape[1] * keys.shape[3] == kept_total
     # Each stored chunk equals the kept channels of its head's full keys (chunk-major store).
     layout, full = layer.layout, torch.randn(2, 4, 5, 64, generator=generator)
@@ -197,9 +197,9 @@ def test_growth_is_amortised_and_reserved_capacity_small():
     layer = LeanKLayer(mask, sink=4, recent=32, block_size=16)
     reallocations, pointer = 0, None
     for _ in drive_layer(layer, [1000] + [1] * 1500, [0], 2, 32, torch.float32, generator):
-        if layer.store.flushed.middle_keys.data_ptr() != pointer:
+        if layer.store.flushed.middle.keys.data_ptr() != pointer:
             reallocations += 1
-            pointer = layer.store.flushed.middle_keys.data_ptr()
+            pointer = layer.store.flushed.middle.keys.data_ptr()
     # 1000 -> 2500 tokens with ~6 % growth per reallocation: about log(2.5) / log(1.0625) ~ 15, not one per block.
     assert reallocations <= 20
     report = layer.memory(0)

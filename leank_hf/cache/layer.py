@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..kernels import ChannelLayout, LeanKAttention, PrunedKV
+from ..kernels import ChannelLayout, LeanKAttention, PrunedKV, QuantizedPrunedKV
+from ..kv_quantization import DEFAULT_KV_QUANTIZATION, KVQuantization
 from ..memory import LayerMemory
-from .stores import NOT_LEANK_ATTENTION, GrowableStore, LeanKStore
+from .stores import NOT_LEANK_ATTENTION, GrowableStore, LeanKStore, PrunedMiddle, QuantizedMiddle
 
 
 class PendingStep:
@@ -44,6 +45,8 @@ class LeanKLayer(CacheLayerMixin):
         sink: leading real tokens per row kept at full width.
         recent: latest tokens kept at full width.
         block_size: tokens moved out of the recent window at a time.
+        quantization: how middle tokens are stored: in the model's dtype (`PrunedMiddle`), or with `kv_bits` as
+            low-bit codes (`QuantizedMiddle`).
     """
 
     is_sliding = False
@@ -52,10 +55,14 @@ class LeanKLayer(CacheLayerMixin):
     # full-width recent window; `crop` raises if asked for older, already pruned tokens.
     is_croppable = True
 
-    def __init__(self, channel_mask: torch.Tensor, sink: int, recent: int, block_size: int) -> None:
+    def __init__(
+        self, channel_mask: torch.Tensor, sink: int, recent: int, block_size: int,
+        quantization: KVQuantization = DEFAULT_KV_QUANTIZATION,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.channel_mask = channel_mask.bool()
         self.sink, self.recent, self.block_size = sink, recent, block_size
+        self.quantization = quantization
         self.attention = LeanKAttention()  # keeps the decode kernel's launch set-up from step to step
         self._clear()
 
@@ -75,7 +82,13 @@ class LeanKLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = batch
         self.layout = self._build_layout()
-        self.store = GrowableStore(key_states, self.layout, self.sink, self.recent, self.block_size, self.attention)
+        if self.quantization.kv_bits is None:
+            middle = PrunedMiddle(self.layout, key_states)
+        else:
+            middle = QuantizedMiddle(self.layout, key_states, self.quantization, self.block_size)
+        self.store = GrowableStore(
+            key_states, self.layout, middle, self.sink, self.recent, self.block_size, self.attention
+        )
         self.is_initialized = True
 
     def _build_layout(self) -> ChannelLayout:
@@ -152,7 +165,7 @@ class LeanKLayer(CacheLayerMixin):
         """Tokens stored before the pending step, on the host (0 means the next attention is a prefill)."""
         return self.store.stored_tokens
 
-    def view(self) -> PrunedKV:
+    def view(self) -> PrunedKV | QuantizedPrunedKV:
         """The stored tokens as plain tensors (live slices, no copies)."""
         return self.store.view()
 

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
 from ..architectures import LEANK_LAYER_TYPE, ModelSpec, warn_if_nothing_is_pruned
+from ..kv_quantization import KVQuantization
 from ..masks import LeanKMasks
 from ..memory import LayerMemory, MemoryReport, held_bytes
 from ..windows import WindowConfig
@@ -38,6 +39,12 @@ class LeanKCache(Cache):
             stores after the prefill (`StaticLeanKLayer`) and `generate` compiles its decode steps (`torch.compile`,
             CUDA graphs) as it does for a `StaticCache`; the prefill stays eager. None: stores grow as tokens come,
             decoding stays eager, and every `generate` feature works (chunked prefill, assisted decoding).
+        kv_bits: 8 or 4 to store the middle tokens as low-bit codes that the decode kernel reads as they are (keys per
+            channel per block of `block_size` tokens, values per token in groups of `q_group_size` channels; see
+            `KVQuantization`, which also maps these names to transformers' `QuantizedCache`'s). None: the model's
+            dtype. The sink and the recent window always stay in the model's dtype.
+        q_group_size: value channels per scale and zero with `kv_bits`; must divide the model's head_dim. None: 64,
+            or the largest power of two dividing head_dim where that is less.
 
     Example:
         ```python
@@ -56,14 +63,19 @@ class LeanKCache(Cache):
         recent: int | None = None,
         block_size: int | None = None,
         max_cache_len: int | None = None,
+        kv_bits: int | None = None,
+        q_group_size: int | None = None,
     ) -> None:
+        quantization = KVQuantization(kv_bits, q_group_size)
         spec = ModelSpec.from_model(model)
+        if kv_bits is not None:
+            quantization.group_size(spec.head_dim)  # refuses a group that does not divide head_dim
         warn_if_nothing_is_pruned(spec, "a LeanKCache would")
         masks.check_compatible(spec, getattr(model.config, "_name_or_path", None))
         sink = masks.sink if sink is None else sink
         recent = masks.recent if recent is None else recent
         block_size = masks.block_size if block_size is None else block_size
-        WindowConfig(sink, recent, block_size)  # refuses windows out of range
+        windows = WindowConfig(sink, recent, block_size)  # refuses windows out of range
         _check_windows_fit(model, sink, recent, block_size)
         if max_cache_len is not None and (
             isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1
@@ -76,16 +88,17 @@ class LeanKCache(Cache):
         self._prompt_tokens = 0  # per row, padding included, for `_check_room`'s message
         self.masks = masks
         self.sink, self.recent, self.block_size = sink, recent, block_size
+        self.quantization = quantization
 
-        prunes = max_cache_len is None or _fixed_stores_save_memory(masks, spec, sink, recent, block_size,
-                                                                    max_cache_len)  # fmt: skip
+        prunes = max_cache_len is None or _fixed_stores_save_memory(masks, spec, windows, quantization, max_cache_len)
 
         def leank_layer(index: int) -> LeanKLayer | StaticLayer:
+            mask = masks.channel_mask[index]
             if max_cache_len is None:
-                return LeanKLayer(masks.channel_mask[index], sink, recent, block_size)
+                return LeanKLayer(mask, sink, recent, block_size, quantization)
             if not prunes:
                 return StaticLayer(max_cache_len=max_cache_len)
-            return StaticLeanKLayer(masks.channel_mask[index], sink, recent, block_size, max_cache_len)
+            return StaticLeanKLayer(mask, sink, recent, block_size, max_cache_len, quantization)
 
         layers = [
             leank_layer(i) if layer_type == LEANK_LAYER_TYPE else _stock_layer(layer_type, spec, max_cache_len)
@@ -139,11 +152,13 @@ class LeanKCache(Cache):
         Args:
             pretrained: a local mask directory, a shipped mask's short name, or a Hub repo id.
             model: the model the cache is for; the masks are checked against it.
-            **kwargs: `sink`, `recent`, `block_size` overrides and `max_cache_len` for this cache, and the Hub
+            **kwargs: `sink`, `recent`, `block_size` overrides, `max_cache_len`, `kv_bits` and `q_group_size` for this
+                cache, and the Hub
                 arguments of `LeanKMasks.from_pretrained` (`revision`, `token`, `cache_dir`, `local_files_only`,
                 `force_download`).
         """
-        cache_kwargs = {k: kwargs.pop(k) for k in ("sink", "recent", "block_size", "max_cache_len") if k in kwargs}
+        names = ("sink", "recent", "block_size", "max_cache_len", "kv_bits", "q_group_size")
+        cache_kwargs = {k: kwargs.pop(k) for k in names if k in kwargs}
         return cls(LeanKMasks.from_pretrained(pretrained, **kwargs), model, **cache_kwargs)
 
     def memory_report(self) -> MemoryReport:
@@ -153,9 +168,10 @@ class LeanKCache(Cache):
         return MemoryReport(layers, baseline="DynamicCache" if self._max_cache_len is None else "StaticCache")
 
     def __repr__(self) -> str:
+        bits = "" if self.quantization.kv_bits is None else f"kv_bits={self.quantization.kv_bits}, "
         return (
             f"LeanKCache(layers={len(self.layers)}, keep_ratio={self.masks.keep_ratio:.3f}, sink={self.sink}, "
-            f"recent={self.recent}, block_size={self.block_size}, seq_length={self.get_seq_length()})"
+            f"recent={self.recent}, block_size={self.block_size}, {bits}seq_length={self.get_seq_length()})"
         )
 
 
@@ -172,27 +188,30 @@ def _check_windows_fit(model: PreTrainedModel, sink: int, recent: int, block_siz
 
 
 def _fixed_stores_save_memory(
-    masks: LeanKMasks, spec: ModelSpec, sink: int, recent: int, block_size: int, max_cache_len: int
+    masks: LeanKMasks, spec: ModelSpec, windows: WindowConfig, quantization: KVQuantization, max_cache_len: int
 ) -> bool:
     """Whether `StaticLeanKLayer`s hold fewer bytes than a `StaticCache` of `max_cache_len` would, summed over the
     layers LeanK prunes; warns when they do not, and the cache then keeps full keys as a `StaticCache` does.
 
     A fixed-size LeanK layer holds its sink and its window ring (`recent + block_size` tokens) at full width, and a
-    pruned middle slot for every other position up to `max_cache_len`: short lengths cannot pay for the window."""
-    full = 2 * spec.num_kv_heads * spec.head_dim  # elements per token, keys and values
-    leank = static = 0
+    pruned middle slot for every other position up to `max_cache_len`: short lengths cannot pay for the window. (In
+    bf16 bytes per element; fp16 scales when quantized.)"""
+    full = 2 * spec.num_kv_heads * spec.head_dim * 2  # bytes per token, keys and values
+    window = windows.sink + windows.recent + windows.block_size
+    leank = static = 0.0
     for layer in spec.leank_layers:
         mask = masks.channel_mask[layer]
-        middle = int(mask.sum()) + int(mask.any(-1).sum()) * spec.head_dim
-        leank += (sink + recent + block_size) * full + max(max_cache_len - sink, 0) * middle
+        middle = quantization.middle_bytes(int(mask.sum()), int(mask.any(-1).sum()) * spec.head_dim, spec.head_dim,
+                                           windows.block_size, 2)  # fmt: skip
+        leank += window * full + max(max_cache_len - windows.sink, 0) * middle
         static += max_cache_len * full
     if leank <= static:
         return True
     warnings.warn(
         f"max_cache_len={max_cache_len} is too short for these LeanK masks to save memory: their fixed-size stores "
-        f"would hold {leank / static:.2f}x a StaticCache's bytes (sink + recent + block_size = "
-        f"{sink + recent + block_size} tokens stay at full width), so this cache keeps full keys like a StaticCache. "
-        "Give a larger max_cache_len, or smaller windows, for LeanK to prune.",
+        f"would hold {leank / static:.2f}x a StaticCache's bytes (sink + recent + block_size = {window} tokens stay "
+        "at full width), so this cache keeps full keys like a StaticCache. Give a larger max_cache_len, or smaller "
+        "windows, for LeanK to prune.",
         stacklevel=3,
     )
     return False

@@ -6,6 +6,7 @@ import torch
 
 from ..kernels import ChannelLayout
 from ..kernels.compiled import register_layout
+from ..kv_quantization import DEFAULT_KV_QUANTIZATION, KVQuantization
 from .layer import LeanKLayer, PendingStep
 from .stores import FixedStore
 
@@ -19,15 +20,18 @@ class StaticLeanKLayer(LeanKLayer):
     sized by `max_cache_len`, which takes every later step (see it for what that needs).
 
     Args:
-        channel_mask, sink, recent, block_size: as `LeanKLayer`.
+        channel_mask, sink, recent, block_size, quantization: as `LeanKLayer`.
         max_cache_len: the most tokens a row will hold (prompt and new tokens).
     """
 
     is_compileable = True
     is_croppable = False  # fixed-size stores are written in place: nothing is kept to roll back to
 
-    def __init__(self, channel_mask: torch.Tensor, sink: int, recent: int, block_size: int, max_cache_len: int) -> None:
-        super().__init__(channel_mask, sink, recent, block_size)
+    def __init__(
+        self, channel_mask: torch.Tensor, sink: int, recent: int, block_size: int, max_cache_len: int,
+        quantization: KVQuantization = DEFAULT_KV_QUANTIZATION,
+    ) -> None:  # fmt: skip
+        super().__init__(channel_mask, sink, recent, block_size, quantization)
         self.max_cache_len = max_cache_len
 
     def _build_layout(self) -> ChannelLayout:

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 
 from .dispatch import LeanKAttention
-from .layout import ChannelLayout, PrunedKV
+from .layout import ChannelLayout, PrunedKV, QuantizedPrunedKV
 
 # Distinct masks whose int is remembered after their caches are gone (so a later cache for one of them reuses the
 # graphs compiled for it); the oldest are forgotten first.
@@ -83,8 +83,17 @@ def pruned_attention(
     recent_valid: torch.Tensor,
     layout: int,
     scaling: float,
+    key_scales: torch.Tensor | None = None,
+    key_zeros: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
+    value_zeros: torch.Tensor | None = None,
+    bits: int = 0,
+    block_size: int = 0,
+    group_size: int = 0,
 ) -> torch.Tensor:
-    """`LeanKAttention` over the `PrunedKV` these tensors make, with the layout `register_layout` named `layout`.
+    """`LeanKAttention` over the `PrunedKV` these tensors make, with the layout `register_layout` named `layout`;
+    with `key_scales`, the `QuantizedPrunedKV` whose middle codes are `middle_keys` and `middle_values` (its scales,
+    zeros, `bits`, `block_size` and `group_size` given too).
 
     The middle tensors are the stores' whole capacity and `middle_length` the stored length, so every shape stays
     fixed from step to step."""
@@ -93,6 +102,8 @@ def pruned_attention(
         sink_keys, sink_values, sink_lengths, middle_keys, middle_values, middle_valid, middle_start, recent_keys,
         recent_values, recent_valid, registered.layout, middle_length,
     )  # fmt: skip
+    if key_scales is not None:
+        cache = QuantizedPrunedKV(cache, key_scales, key_zeros, value_scales, value_zeros, bits, block_size, group_size)
     return registered.attention(query, cache, scaling)
 
 

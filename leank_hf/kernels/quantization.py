@@ -179,6 +179,11 @@ def dequantize_values(quantized: QuantizedValues) -> torch.Tensor:
     return zeros + codes.float() * scales
 
 
+def packed_width(count: int, bits: int) -> int:
+    """Bytes that `count` codes of `bits` bits take along the packed axis."""
+    return count if bits == 8 else (count + 1) // 2
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes `[..., n]` in `[0, 16)` as `[..., ceil(n / 2)]` bytes: byte `j` holds code `j` in its low nibble
     and code `j + ceil(n / 2)` in its high nibble (0 where that is past `n`)."""

@@ -60,7 +60,7 @@ def _middle_tiles(cache: PrunedKV | QuantizedPrunedKV, part: str) -> Iterator[tu
         return
     dequantize = dequantize_keys if part == "keys" else dequantize_values
     tile = -(-_DEQUANTIZED_TOKENS // cache.block_size) * cache.block_size
-    for start in range(0, cache.cache.middle_len, tile):
+    for start in range(0, max(cache.cache.middle_len, 1), tile):  # (an empty middle: one empty tile)
         yield start, dequantize(stored.tokens(start, min(start + tile, cache.cache.middle_len)))
 
 

@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import torch
 
-from ...kernels import PrunedKV
+from ...kernels import PrunedKV, QuantizedPrunedKV
 from ...kernels.compiled import RegisteredLayout, pruned_attention
 from ...memory import LayerMemory, held_bytes
 from .base import LeanKStore, Step
+from .fixed_middle import fixed_middle
 from .growable import GrowableStore
 
 
@@ -36,7 +37,7 @@ class FixedStore(LeanKStore):
 
     def __init__(self, prefill: GrowableStore, max_cache_len: int, registered: RegisteredLayout) -> None:
         flushed, window = prefill.flushed, prefill.window
-        length, in_window, middle = prefill.tokens, window.length, flushed.middle_columns
+        length, in_window, middle = prefill.tokens, window.length, flushed.middle.columns
         self.ring = window.capacity  # tokens in the window while a step attends, at most
         if not flushed.sinks_full or flushed.middle_has_holes or not bool(window.valid[:, :in_window].all()):
             raise ValueError(
@@ -56,21 +57,14 @@ class FixedStore(LeanKStore):
         self.stored_tokens = length  # on the host, the prompt's: decode steps count on the device (`tokens`)
         boundary = length - in_window  # the first token still in the window
         self.middle_base = boundary - middle  # the token in middle slot 0
-        capacity = max_cache_len - self.middle_base
         batch, heads, _, head_dim = window.keys.shape
         device = window.keys.device
         self.sink_keys, self.sink_values = flushed.sink_keys, flushed.sink_values
         self.sink_lengths, self.middle_start = flushed.sink_lengths, flushed.middle_start
-        self.middle_keys = flushed.middle_keys.new_zeros(self.layout.middle_key_shape(batch, capacity))
-        self.middle_values = flushed.middle_values.new_zeros(batch, flushed.middle_values.shape[1], capacity, head_dim)
-        self.middle_keys[:, :, :middle] = flushed.middle_keys[:, :, :middle]
-        self.middle_values[:, :, :middle] = flushed.middle_values[:, :, :middle]
         window_keys, window_values = window.keys[:, :, :in_window], window.values[:, :, :in_window]
-        if self.layout.packed_channels:  # the window's tokens also go to their middle slots, for when they leave
-            self.layout.write_middle(
-                window_keys, window_values, self.middle_keys[:, :, middle : middle + in_window],
-                self.middle_values[:, :, middle : middle + in_window],
-            )  # fmt: skip
+        self.middle = fixed_middle(flushed.middle, window_keys, window_values, max_cache_len - self.middle_base,
+                                   self.ring, self.middle_base)  # fmt: skip
+        capacity = self.middle.capacity
         ring_slots = torch.arange(boundary, length, device=device) % self.ring
         self.recent_keys = window.keys.new_zeros(batch, heads, self.ring, head_dim)
         self.recent_keys.index_copy_(2, ring_slots, window_keys)
@@ -86,10 +80,10 @@ class FixedStore(LeanKStore):
             torch._dynamo.mark_static_address(tensor)  # replayed graphs read and write them in place
 
     def _stores(self) -> tuple[torch.Tensor, ...]:
-        """The stored tokens' tensors, in `PrunedKV`'s order."""
+        """The stored tokens' tensors."""
         return (
-            self.sink_keys, self.sink_values, self.sink_lengths, self.middle_keys, self.middle_values,
-            self.middle_valid, self.middle_start, self.recent_keys, self.recent_values, self.recent_valid,
+            self.sink_keys, self.sink_values, self.sink_lengths, *self.middle.tensors(), self.middle_valid,
+            self.middle_start, self.recent_keys, self.recent_values, self.recent_valid,
         )  # fmt: skip
 
     def _step_state(self) -> tuple[torch.Tensor, ...]:
@@ -115,15 +109,13 @@ class FixedStore(LeanKStore):
         ring_slot = torch.remainder(position, self.ring).view(1)
         self.recent_keys.index_copy_(2, ring_slot, keys)
         self.recent_values.index_copy_(2, ring_slot, values)
-        if self.layout.packed_channels:
-            middle_slot = (position - self.middle_base).view(1)
-            self.middle_keys.index_copy_(2, middle_slot, self.layout.pruned_keys(keys))
-            self.middle_values.index_copy_(2, middle_slot, values.index_select(1, self.layout.value_heads))
+        self.middle.record(keys, values, position, self.middle_length, self.recent_keys, self.recent_values)
         self._refresh_flags(position)
+        middle_keys, middle_values, *quantization = self.middle.attention_operands()
         output = pruned_attention(
-            query, self.sink_keys, self.sink_values, self.sink_lengths, self.middle_keys, self.middle_values,
-            self.middle_valid, self.middle_start, self.middle_length, self.recent_keys, self.recent_values,
-            self.recent_valid, self.registered.index, scaling,
+            query, self.sink_keys, self.sink_values, self.sink_lengths, middle_keys, middle_values, self.middle_valid,
+            self.middle_start, self.middle_length, self.recent_keys, self.recent_values, self.recent_valid,
+            self.registered.index, scaling, *quantization,
         )  # fmt: skip
         # Once the window holds `recent + block_size` tokens, its oldest `block_size` leave it (`GrowableStore.settle`).
         in_window = position + 1 - self.middle_base - self.middle_length
@@ -142,9 +134,15 @@ class FixedStore(LeanKStore):
     def commit(self, step: Step, valid: torch.Tensor | None) -> None:
         raise RuntimeError("a FixedStore holds a prompt already: it is made from a prefilled GrowableStore")
 
-    def view(self) -> PrunedKV:
+    def view(self) -> PrunedKV | QuantizedPrunedKV:
         """The stores' whole capacity, with the stored middle length on the device (`PrunedKV.middle_length`)."""
-        return PrunedKV(*self._stores(), self.layout, self.middle_length)
+        middle_keys, middle_values, *quantization = self.middle.attention_operands()
+        cache = PrunedKV(
+            self.sink_keys, self.sink_values, self.sink_lengths, middle_keys, middle_values, self.middle_valid,
+            self.middle_start, self.recent_keys, self.recent_values, self.recent_valid, self.layout,
+            self.middle_length,
+        )  # fmt: skip
+        return cache if quantization[0] is None else QuantizedPrunedKV(cache, *quantization)
 
     # -------------------------------------------------------------------------------------------------- rows
     def crop(self, count: int) -> None:
@@ -163,12 +161,14 @@ class FixedStore(LeanKStore):
     def memory(self, layer_idx: int) -> LayerMemory:
         """Against a `StaticLayer` of `max_cache_len`, which holds that many tokens from its first on. Every tensor is
         in use but the middle slots of positions not reached yet."""
-        key_bytes = held_bytes(self.sink_keys, self.middle_keys, self.recent_keys)
-        value_bytes = held_bytes(self.sink_values, self.middle_values, self.recent_values)
-        other_bytes = held_bytes(self.sink_lengths, self.middle_valid, self.middle_start, self.recent_valid,
-                                 *self._step_state())  # fmt: skip
+        middle_key_bytes, middle_value_bytes, middle_other_bytes = self.middle.bytes_held()
+        key_bytes = held_bytes(self.sink_keys, self.recent_keys) + middle_key_bytes
+        value_bytes = held_bytes(self.sink_values, self.recent_values) + middle_value_bytes
+        other_bytes = middle_other_bytes + held_bytes(
+            self.sink_lengths, self.middle_valid, self.middle_start, self.recent_valid, *self._step_state()
+        )
         batch, heads, _, head_dim = self.recent_keys.shape
         dense = 2 * batch * heads * self.max_cache_len * head_dim * self.recent_keys.element_size()
-        unused = (self.max_cache_len - int(self.tokens)) / (self.max_cache_len - self.middle_base)
-        reserved = int(unused * held_bytes(self.middle_keys, self.middle_values, self.middle_valid))
+        unused = 1 - (int(self.tokens) - self.middle_base) / self.middle.capacity
+        reserved = int(unused * (middle_key_bytes + middle_value_bytes + held_bytes(self.middle_valid)))
         return LayerMemory(layer_idx, "leank", key_bytes, value_bytes, other_bytes, reserved, dense)

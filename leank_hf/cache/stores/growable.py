@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from ...kernels import ChannelLayout, LeanKAttention, NewTokens, PrunedKV
+from ...kernels import ChannelLayout, LeanKAttention, NewTokens, PrunedKV, QuantizedPrunedKV
 from ...memory import LayerMemory
 from .base import NOT_LEANK_ATTENTION, LeanKStore, Step
+from .middle import Middle, Wrap
 from .sink_middle import SinkAndMiddle
 from .window import RecentWindow
 
@@ -28,19 +29,20 @@ class GrowableStore(LeanKStore):
     Args:
         like: this layer's first keys `[B, H, Q, D]`, for the stores' batch, geometry, dtype and device.
         layout: the layer's `ChannelLayout`.
+        middle: where middle tokens go (`PrunedMiddle` or `QuantizedMiddle`), empty.
         sink, recent, block_size: as `LeanKLayer`.
         attention: the layer's `LeanKAttention`, which keeps the decode kernel's launch set-up between steps.
     """
 
     def __init__(
-        self, like: torch.Tensor, layout: ChannelLayout, sink: int, recent: int, block_size: int,
+        self, like: torch.Tensor, layout: ChannelLayout, middle: Middle, sink: int, recent: int, block_size: int,
         attention: LeanKAttention,
     ) -> None:  # fmt: skip
         self.layout, self.attention = layout, attention
         self.batch_size = like.shape[0]
         self.tokens = 0
         self._pending: Step | None = None
-        self.flushed = SinkAndMiddle(sink, layout, like)
+        self.flushed = SinkAndMiddle(sink, middle, like)
         self.window = RecentWindow(recent, block_size, like)
         self._stores_changed()
 
@@ -105,18 +107,19 @@ class GrowableStore(LeanKStore):
             raise RuntimeError("LeanKLayer got a step this layer did not hand out")
         self._pending = None
 
-    def view(self) -> PrunedKV:
+    def view(self) -> PrunedKV | QuantizedPrunedKV:
         """Live slices, no copies. Eager decoding calls this for every layer at every step, so the slices are kept
         until the stores change: the sink's and middle's until the next flush, the window's per window length."""
         flushed = self._flushed_view
         if flushed is None:
             flushed = self._flushed_view = self.flushed.view()
-        return PrunedKV(*flushed, *self.window.view(), self.layout)
+        fields, wrap = flushed
+        return wrap(PrunedKV(*fields, *self.window.view(), self.layout))
 
     def _stores_changed(self) -> None:
         """Forget the sink's and middle's views once they changed, and take a new version whenever any store changed
         or was replaced, which tells the decode kernel to read the stores' strides again."""
-        self._flushed_view: tuple[torch.Tensor, ...] | None = None
+        self._flushed_view: tuple[tuple[torch.Tensor, ...], Wrap] | None = None
         self.version = next(_STORE_VERSIONS)
 
     # -------------------------------------------------------------------------------------------------- rows

@@ -1,5 +1,5 @@
 """`SinkAndMiddle`: where tokens go when they leave the recent window, each row's first `sink` real tokens at full
-width and the others on their kept key channels only."""
+width and the others to the middle (`middle.py`), on their kept key channels only."""
 
 from __future__ import annotations
 
@@ -7,34 +7,28 @@ from collections.abc import Callable
 
 import torch
 
-from ...kernels import ChannelLayout
 from ...memory import held_bytes
-from .buffers import GROWTH_FRACTION, grown, live_bytes
+from .buffers import grown, live_bytes
+from .middle import Middle, Wrap
 
 
 class SinkAndMiddle:
-    """A growable store's sink and pruned middle (the tensors are those of `PrunedKV`).
+    """A growable store's sink and its middle (a `Middle`: `PrunedMiddle` or `QuantizedMiddle`), with each row's
+    bookkeeping: how full its sink is and where its real middle tokens start.
 
-    The sink grows as rows fill it, to at most `sink` slots. The middle stores grow by `GROWTH_FRACTION` of their
-    size, or by what the layer's pruning saves if that is less, so that their reserve never costs more than pruning
-    saved. Nothing is stored in the middle when every head prunes every channel: nothing would ever read it.
+    The sink grows as rows fill it, to at most `sink` slots.
     """
 
-    def __init__(self, sink: int, layout: ChannelLayout, like: torch.Tensor) -> None:
+    def __init__(self, sink: int, middle: Middle, like: torch.Tensor) -> None:
         batch, heads, _, head_dim = like.shape
-        self.sink, self.layout = sink, layout
-        self.growth = _middle_growth(layout, heads, head_dim)
+        self.sink, self.middle = sink, middle
         device = like.device
         self.sink_keys = like.new_zeros(batch, heads, 0, head_dim)
         self.sink_values = like.new_zeros(batch, heads, 0, head_dim)
         self.sink_lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.sink_slots = 0  # filled slots of the fullest row's sink
         self.sinks_full = sink == 0  # every row's sink holds `sink` tokens (known on the host)
-        self.middle_keys = like.new_empty(layout.middle_key_shape(batch, 0))
-        self.middle_values = like.new_empty(batch, len(layout.value_heads), 0, head_dim)
-        self.middle_valid = torch.empty(batch, 0, dtype=torch.bool, device=device)
         self.middle_start = torch.zeros(batch, dtype=torch.long, device=device)
-        self.middle_columns = 0  # stored middle columns
         self.middle_has_holes = False  # some row's real middle tokens are not contiguous
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -70,11 +64,18 @@ class SinkAndMiddle:
         if not any_middle:
             return
         # Leading columns that are sink or padding in every row are not stored.
-        start = self.middle_columns
         self._append_middle(keys[:, :, first:], values[:, :, first:], to_middle[:, first:])
-        leading_invalid = (~to_middle[:, first:]).long().cumprod(1).sum(1)
-        self.middle_start = torch.where(self.middle_start == start, start + leading_invalid, self.middle_start)
         self.middle_has_holes = self.middle_has_holes or bool(hole)
+
+    def _append_middle(self, keys: torch.Tensor, values: torch.Tensor, to_middle: torch.Tensor | None) -> None:
+        """Append tokens `[B, H, n, D]` to the middle (`to_middle` `[B, n]`: the real ones, None: all); rows with no
+        real middle token yet start theirs at the first real one."""
+        before = self.middle.columns
+        start = self.middle.append(keys, values, to_middle)
+        if to_middle is None and start == before:
+            return  # decoding's flushes: rows without middle tokens yet start at `before` already
+        leading_invalid = 0 if to_middle is None else (~to_middle).long().cumprod(1).sum(1)
+        self.middle_start = torch.where(self.middle_start == before, start + leading_invalid, self.middle_start)
 
     def _grow_sink(self, slots: int) -> None:
         """Room for `slots` sink tokens per row (as many as the fullest row holds, never more than `sink`)."""
@@ -86,72 +87,42 @@ class SinkAndMiddle:
         self.sink_keys = grown(self.sink_keys, 2, held, slots).index_fill_(2, new_slots, 0)
         self.sink_values = grown(self.sink_values, 2, held, slots).index_fill_(2, new_slots, 0)
 
-    def _append_middle(self, keys: torch.Tensor, values: torch.Tensor, to_middle: torch.Tensor | None) -> None:
-        """Store tokens `[B, H, n, D]` at the end of the middle stores; `to_middle` `[B, n]` flags the real ones (None:
-        all)."""
-        if self.layout.packed_channels == 0:
-            return
-        start, end = self.middle_columns, self.middle_columns + keys.shape[2]
-        held = self.middle_keys.shape[2]
-        capacity = end if end <= held else max(end, held + int(held * self.growth))
-        self.middle_keys = grown(self.middle_keys, 2, start, capacity)
-        self.middle_values = grown(self.middle_values, 2, start, capacity)
-        self.middle_valid = grown(self.middle_valid, 1, start, capacity)
-        self.layout.write_middle(keys, values, self.middle_keys[:, :, start:end], self.middle_values[:, :, start:end])
-        flags = self.middle_valid.narrow(1, start, end - start)
-        if to_middle is None:
-            flags.fill_(True)
-        else:
-            flags.copy_(to_middle)
-        self.middle_columns = end
-
     def _makes_hole(self, to_middle: torch.Tensor) -> torch.Tensor:
         """Whether appending `to_middle` `[B, n]` would leave some row's real middle tokens non-contiguous (a
         non-real slot after a real one). Left padding never does; then each row's real middle tokens are exactly
         the slots from `middle_start` on, which is all the decode kernel reads (conservative: may say True when
         the slots in question are not stored)."""
-        real_before = (self.middle_start < self.middle_columns)[:, None]
+        real_before = (self.middle_start < self.middle.columns)[:, None]
         after_real = real_before | to_middle.long().cummax(1).values.bool()
         return (after_real & ~to_middle).any()
 
-    def view(self) -> tuple[torch.Tensor, ...]:
-        """The first seven fields of `PrunedKV` (live slices, no copies)."""
-        sink, middle = self.sink_slots, self.middle_columns
-        return (
-            self.sink_keys.narrow(2, 0, sink), self.sink_values.narrow(2, 0, sink), self.sink_lengths,
-            self.middle_keys.narrow(2, 0, middle), self.middle_values.narrow(2, 0, middle),
-            self.middle_valid.narrow(1, 0, middle), None if self.middle_has_holes else self.middle_start,
+    def view(self) -> tuple[tuple[torch.Tensor, ...], Wrap]:
+        """The first seven fields of `PrunedKV` (live slices, no copies), and the middle's `Wrap`."""
+        sink = self.sink_slots
+        middle_keys, middle_values, middle_valid, wrap = self.middle.view()
+        fields = (
+            self.sink_keys.narrow(2, 0, sink), self.sink_values.narrow(2, 0, sink), self.sink_lengths, middle_keys,
+            middle_values, middle_valid, None if self.middle_has_holes else self.middle_start,
         )  # fmt: skip
+        return fields, wrap
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-axis transform (beam reorder, repeat, select) to every tensor."""
-        for name in ("sink_keys", "sink_values", "sink_lengths", "middle_keys", "middle_values", "middle_valid",
-                     "middle_start"):  # fmt: skip
+        for name in ("sink_keys", "sink_values", "sink_lengths", "middle_start"):
             setattr(self, name, fn(getattr(self, name)))
+        self.middle.map_batch(fn)
         self.sink_slots = int(self.sink_lengths.max()) if self.sink_lengths.shape[0] else 0
 
     def bytes_held(self) -> tuple[int, int, int]:
         """Allocated bytes of keys, values and the rest (sink lengths, middle flags and starts)."""
+        middle_keys, middle_values, middle_other = self.middle.bytes_held()
         return (
-            held_bytes(self.sink_keys, self.middle_keys),
-            held_bytes(self.sink_values, self.middle_values),
-            held_bytes(self.sink_lengths, self.middle_valid, self.middle_start),
+            held_bytes(self.sink_keys) + middle_keys,
+            held_bytes(self.sink_values) + middle_values,
+            held_bytes(self.sink_lengths, self.middle_start) + middle_other,
         )
 
     def bytes_in_use(self) -> int:
         """Bytes of the slots that hold tokens."""
-        return (
-            live_bytes(self.sink_keys, 2, self.sink_slots) * 2
-            + live_bytes(self.middle_keys, 2, self.middle_columns)
-            + live_bytes(self.middle_values, 2, self.middle_columns)
-            + live_bytes(self.middle_valid, 1, self.middle_columns)
-            + held_bytes(self.sink_lengths, self.middle_start)
-        )
-
-
-def _middle_growth(layout: ChannelLayout, heads: int, head_dim: int) -> float:
-    """Share of its size by which a middle store grows: `GROWTH_FRACTION`, or less when a token's pruned keys and
-    values save less than that against its full ones, so that the reserve never costs more than the pruning saved."""
-    middle = layout.packed_channels + layout.value_rows * head_dim  # per token, in elements
-    full = 2 * heads * head_dim
-    return min(GROWTH_FRACTION, (full - middle) / middle) if middle else 0.0
+        sink = live_bytes(self.sink_keys, 2, self.sink_slots) * 2
+        return sink + self.middle.bytes_in_use() + held_bytes(self.sink_lengths, self.middle_start)
