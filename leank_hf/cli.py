@@ -19,6 +19,7 @@ from .architectures import SUPPORTED_MODEL_TYPES
 from .compat import cache_kwargs
 from .embedded import EMBEDDED_MODEL, embedded_model_path, gguf_source_repo, load_model
 from .eval import BASELINES, EvaluationArguments
+from .kv_quantization import KVQuantization
 from .masks.card import describe_method
 from .masks.hub import as_hub_id
 from .masks.leank_masks import LeanKMasks
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents = [HfArgumentParser(dataclass_types, add_help=False)] if dataclass_types else []
         return commands.add_parser(name, help=help, description=help, formatter_class=HELP_FORMAT, parents=parents)
 
-    inspect = command("inspect", "summarise a mask repo (local dir, shipped name, or Hub id)")
+    inspect = command("inspect", "summarise a mask repo (local dir, shipped name, or Hub id)", KVQuantization)
     inspect.add_argument("repo", help="mask repo: directory, shipped short name, or Hub repo id")
     inspect.add_argument("--context", type=positive_int, default=32768,
                          help="tokens per sequence for the memory estimate")  # fmt: skip
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", help="commit message (unset: one naming the keep ratio)")
     push.set_defaults(run=_push)
 
-    generate = command("generate", "generate with a LeanK cache (and the full cache to compare)")
+    generate = command("generate", "generate with a LeanK cache (and the full cache to compare)", KVQuantization)
     _add_model_arguments(generate)
     generate.add_argument("--masks", required=True, help="mask repo: directory, shipped short name, or Hub repo id")
     generate.add_argument("--prompt-file", type=readable_file, required=True,
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     evaluate = command("eval", "compare masks with the full cache and with baseline masks", EvaluationArguments,
-                       WindowConfig)  # fmt: skip
+                       WindowConfig, KVQuantization)  # fmt: skip
     _add_model_arguments(evaluate)
     evaluate.add_argument("--masks", nargs="*", default=[], help="learned mask repos (each at its own keep ratio)")
     evaluate.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
@@ -123,15 +124,14 @@ def _inspect(args: argparse.Namespace) -> None:
         f"sink {masks.sink}, recent {masks.recent}, block {masks.block_size}; made by: {describe_method(masks.method)}"
     )
     print(f"key channels kept: {masks.keep_ratio:.1%}; fully pruned KV heads: {int((counts == 0).sum())}\n")
+    quantization = settings(KVQuantization, args)
+    if quantization.kv_bits is not None:
+        quantization.group_size(masks.head_dim)  # refuses a group that does not divide head_dim
+        print(f"middle tokens in {quantization.kv_bits} bits (estimate counts codes, scales and zeros)")
     report = estimate_memory(
-        masks.channel_mask,
-        masks.pruned_layers,
-        masks.sink,
-        masks.recent,
-        args.context,
-        args.batch,
-        args.bytes_per_value,
-    )
+        masks.channel_mask, masks.pruned_layers, masks.sink, masks.recent, args.context, args.batch,
+        args.bytes_per_value, quantization, masks.block_size,
+    )  # fmt: skip
     print("| layer | kept | fully pruned heads | K MiB | V MiB | DynamicCache MiB |\n|---|---|---|---|---|---|")
     mib = 2**20
     for layer in report.layers:
@@ -235,13 +235,14 @@ def _generate(args: argparse.Namespace) -> None:
 
     from .cache.leank_cache import LeanKCache
 
+    quantization = settings(KVQuantization, args)
     source = model_source(args)
     masks = LeanKMasks.from_pretrained(args.masks)
     messages = [{"role": "user", "content": args.prompt_file.read_text(encoding="utf-8")}]
     model, tokenizer = load_model(*source, dtype=args.dtype)
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     inputs = inputs.to(model.device)
-    caches = {"LeanKCache": LeanKCache(masks, model)}
+    caches = {"LeanKCache": LeanKCache(masks, model, **dataclasses.asdict(quantization))}
     if args.compare:
         caches = {"DynamicCache": DynamicCache(config=model.config), **caches}
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens")
@@ -284,6 +285,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .masks.io import atomic_write_bytes, json_bytes
 
     measured, windows = settings(EvaluationArguments, args), settings(WindowConfig, args)
+    quantization = settings(KVQuantization, args)
     source = model_source(args)
     learned = [LeanKMasks.from_pretrained(repo) for repo in args.masks]
     record = LeanKMasks.from_pretrained(args.record_in) if args.record_in else None
@@ -295,7 +297,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         )
     model, tokenizer = load_model(*source, dtype=args.dtype)
     methods = standard_methods(model, tokenizer, learned, args.baselines, windows=windows)
-    rows = evaluate(model, tokenizer, methods, measured)
+    rows = evaluate(model, tokenizer, methods, measured, quantization)
     table = format_table(rows)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     # Everything is rendered before the first write, and the record (which renders its own files first) is saved

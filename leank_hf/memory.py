@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_quantization import DEFAULT_KV_QUANTIZATION, KVQuantization
+from .windows import DEFAULT_WINDOWS
+
 
 def held_bytes(*tensors: torch.Tensor | None) -> int:
     """Bytes of the storages behind `tensors` (allocated capacity, not just the live slice)."""
@@ -101,6 +104,8 @@ def estimate_memory(
     context_length: int,
     batch_size: int = 1,
     bytes_per_value: int = 2,
+    quantization: KVQuantization = DEFAULT_KV_QUANTIZATION,
+    block_size: int = DEFAULT_WINDOWS.block_size,
 ) -> MemoryReport:
     """Bytes a LeanK cache holds for `context_length` tokens per row, from the masks alone (no reserved capacity).
 
@@ -111,6 +116,9 @@ def estimate_memory(
         context_length: tokens per row.
         batch_size: rows.
         bytes_per_value: 2 for bf16/fp16, 4 for fp32.
+        quantization: how the middle tokens are stored (with `kv_bits`: codes, scales and zeros; see
+            `KVQuantization.middle_bytes`).
+        block_size: tokens per key-scale block when quantized (the window's flush).
     """
     _, heads, head_dim = channel_mask.shape
     full = min(context_length, sink + recent)
@@ -123,8 +131,10 @@ def estimate_memory(
             layers.append(LayerMemory(index, "unpruned", dense // 2, dense // 2, 0, 0, dense))
             continue
         kept = int(layer_mask.sum())
-        value_heads = int(layer_mask.any(-1).sum())
-        key_bytes = per_token * (full * heads * head_dim + middle * kept)
-        value_bytes = per_token * (full * heads * head_dim + middle * value_heads * head_dim)
+        value_channels = int(layer_mask.any(-1).sum()) * head_dim
+        middle_keys = quantization.middle_bytes(kept, 0, head_dim, block_size, bytes_per_value)
+        middle_values = quantization.middle_bytes(0, value_channels, head_dim, block_size, bytes_per_value)
+        key_bytes = round(per_token * full * heads * head_dim + batch_size * middle * middle_keys)
+        value_bytes = round(per_token * full * heads * head_dim + batch_size * middle * middle_values)
         layers.append(LayerMemory(index, "leank", key_bytes, value_bytes, 0, 0, dense))
     return MemoryReport(tuple(layers))

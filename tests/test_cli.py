@@ -404,3 +404,30 @@ def test_train_on_a_model_folder_records_no_path_as_base_model(tiny_model_dir, t
 def test_train_errors_are_reported(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--resume"]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_inspect_estimates_quantized_middles(capsys):
+    """The paper's Llama-3.1-8B mask at 32K tokens: int8 and int4 middles (codes, fp16 scales and zeros per block of
+    64 tokens per key channel, per 64 value channels per token) against a bf16 DynamicCache."""
+    saved = {}
+    for bits in (None, 8, 4):
+        args = ["inspect", "llama-3.1-8b-instruct", "--context", "32768"]
+        assert main(args + ([] if bits is None else ["--kv-bits", str(bits)])) == 0
+        out = capsys.readouterr().out
+        saved[bits] = float(re.search(r"KV ([\d.]+)% saved", out).group(1))
+        assert (bits is None) != (f"middle tokens in {bits} bits" in out)
+    assert saved[None] == 43.1
+    assert saved[8] == 69.3 and saved[4] == 83.3  # 0.307x and 0.167x the DynamicCache's bytes
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("3", "invalid choice: 3 (choose from 4, 8)"), ("4 --q-group-size 48", "power of two"),
+     ("4 --q-group-size 128", "q_group_size=128 does not divide this model's head_dim 64")],
+)  # fmt: skip
+def test_bad_quantization_options_end_in_one_error_line(capsys, option, message):
+    with pytest.raises(SystemExit) as exit_code:
+        code = main(["inspect", "smollm2-135m-instruct", "--kv-bits", *option.split()])
+        raise SystemExit(code)
+    assert exit_code.value.code == 2
+    assert message in capsys.readouterr().err

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from ..architectures import ModelSpec
 from ..cache.leank_cache import LeanKCache
 from ..checks import check_range
+from ..kv_quantization import DEFAULT_KV_QUANTIZATION, KVQuantization
 from ..masks import LeanKMasks
 from ..methods import calibrated_masks, random_masks, think_masks
 from ..windows import DEFAULT_WINDOWS, WindowConfig
@@ -84,6 +85,7 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase,
     methods: dict[str, MaskSource],
     arguments: EvaluationArguments | None = None,
+    quantization: KVQuantization = DEFAULT_KV_QUANTIZATION,
 ) -> list[dict[str, Any]]:
     """Rows `{method, keep_ratio, kl, top1, retrieval, ...}`: the full cache first, then every method at every ratio.
     `retrieval` is None when the full cache solves none of the tasks.
@@ -95,6 +97,8 @@ def evaluate(
             `texts` held-out prose windows of `text_tokens` tokens, whose last `positions` are decoded and compared
             with the full cache, and on `retrieval_tasks` held-out retrieval tasks of `retrieval_tokens` tokens with
             the asked fact at `retrieval_depths`, of which only those the full cache answers count.
+        quantization: how every LeanK cache stores its middle tokens; with `kv_bits`, the methods' rows are named
+            with it (e.g. ``"learned int4"``).
     """
     arguments = arguments or EvaluationArguments()
     positions = arguments.positions
@@ -113,6 +117,11 @@ def evaluate(
     ]
     rows = [{"method": FULL_CACHE, "keep_ratio": 1.0, "kl": 0.0, "top1": 1.0, "retrieval": 1.0,
              "full_cache_solved": f"{len(solved)}/{len(examples)}"}]  # fmt: skip
+    suffix = "" if quantization.kv_bits is None else f" int{quantization.kv_bits}"
+
+    def leank_cache(masks: LeanKMasks) -> LeanKCache:
+        return LeanKCache(masks, model, kv_bits=quantization.kv_bits, q_group_size=quantization.q_group_size)
+
     runs = [(ratio, name) for ratio in arguments.keep_ratios for name in methods]
     for ratio, name in tqdm(runs, desc="LeanK evaluation"):
         source = methods[name]
@@ -121,17 +130,15 @@ def evaluate(
             masks = source(ratio, window[:, : window.shape[1] - positions])
             if masks is None:
                 break
-            scores.append(
-                next_token_agreement(reference, decoded_logits(model, window, LeanKCache(masks, model), positions))
-            )
+            scores.append(next_token_agreement(reference, decoded_logits(model, window, leank_cache(masks), positions)))
         if not scores:
             continue
         correct = 0
         for example in solved:
             masks = source(ratio, torch.tensor([example.prompt_ids]))
-            correct += answers_correctly(model, tokenizer, example.prompt_ids, example.answer, LeanKCache(masks, model))
+            correct += answers_correctly(model, tokenizer, example.prompt_ids, example.answer, leank_cache(masks))
         kl, top1 = (sum(values) / len(values) for values in zip(*scores, strict=True))
-        rows.append({"method": name, "keep_ratio": ratio, "kl": kl, "top1": top1,
+        rows.append({"method": name + suffix, "keep_ratio": ratio, "kl": kl, "top1": top1,
                      "retrieval": correct / len(solved) if solved else None})  # fmt: skip
     return rows
 
