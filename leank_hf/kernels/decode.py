@@ -273,7 +273,7 @@ class LeanKDecoder:
             "GROUP_PAD": max(16, 1 << (num_q_heads // num_heads - 1).bit_length()), "D": head_dim,
             "CHUNK": cache.layout.chunk, "KMAX": cache.layout.max_kept, "BLOCK_N": self.tuning.block_n,
             "LET_MERGE_START": dependent_launch, "NEW_TOKEN": new is not None, "NEW_VALID": new_valid is not None,
-            "MIDDLE_LENGTH_ON_DEVICE": cache.middle_length is not None,
+            "MIDDLE_LENGTH_ON_DEVICE": cache.middle_length is not None, "BITS": 16, "KEY_BLOCK": 1, "VALUE_GROUP": 1,
         }  # fmt: skip
         self._options = {"num_warps": self.tuning.num_warps, "num_stages": self.tuning.num_stages}
 
@@ -343,8 +343,8 @@ def _split_args(
     tuning: DecodeTuning,
 ) -> tuple:  # fmt: skip
     """`_leank_decode_kernel`'s arguments up to its constexprs, in order; `cache_strides` as `_cache_signature` gives
-    them, partial results contiguous. Without new tokens (or their flags, or a device middle length) cache tensors
-    stand in for them: the kernel is then compiled without reading them."""
+    them, partial results contiguous. Without new tokens (or their flags, or a device middle length, or a quantized
+    middle's scales) cache tensors stand in for them: the kernel is then compiled without reading them."""
     sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides = cache_strides
     batch = query.shape[0]
     layout = cache.layout
@@ -358,6 +358,7 @@ def _split_args(
         cache.sink_keys, cache.sink_values, cache.sink_lengths, *sink_strides[:3], cache.sink_keys.shape[2],
         cache.middle_keys, *middle_key_strides[:2],
         cache.middle_values, *middle_value_strides[:3],
+        cache.middle_keys, cache.middle_keys, 0, 0, 0, cache.middle_values, cache.middle_values, 0, 0, 0,
         cache.middle_start, cache.middle_start if cache.middle_length is None else cache.middle_length,
         cache.middle_len,
         cache.recent_keys, cache.recent_values, cache.recent_valid, *window_strides[:3], valid_strides[0],
