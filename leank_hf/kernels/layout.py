@@ -249,8 +249,11 @@ class NewTokens(NamedTuple):
     values: torch.Tensor
     valid: torch.Tensor | None
 
-    def write(self, cache: PrunedKV) -> None:
-        """Write the tokens into the last `Q` window slots of `cache` (what the kernel does as it attends)."""
+    def write(self, cache: PrunedKV | QuantizedPrunedKV) -> None:
+        """Write the tokens into the last `Q` window slots of `cache` (what the kernel does as it attends); a quantized
+        cache's window is its `PrunedKV`'s, at full width like any window."""
+        if isinstance(cache, QuantizedPrunedKV):
+            cache = cache.cache
         count = self.keys.shape[2]
         window = cache.recent_keys.shape[2]
         cache.recent_keys.narrow(2, window - count, count).copy_(self.keys)
