@@ -5,6 +5,9 @@ The middle's split count fills whole waves of the programs the GPU holds at once
 launches the kernels Triton compiled without going through its JIT each step; what that reads of Triton's internals
 is all in `triton_gate.py`, which falls back to the JIT launch where a Triton version lacks it.
 
+A quantized middle (`QuantizedPrunedKV`) takes the same kernel, compiled with its bit width, key block and value
+group as constants: the middle programs dequantize in registers (`decode_kernels._middle_tiles`).
+
 `benchmarks/decode_attention.py` times it against SDPA; `benchmarks/tune_decode.py` sweeps `DecodeTuning`;
 `tests/test_triton_decode.py` checks it against the reference.
 """
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .decode_kernels import _leank_decode_kernel, _merge_kernel
-from .layout import ChannelLayout, NewTokens, PrunedKV
+from .layout import ChannelLayout, NewTokens, PrunedKV, QuantizedPrunedKV
 from .triton_gate import current_stream, fast_kernel, launch, resident_programs
 
 if TYPE_CHECKING:
@@ -63,10 +66,13 @@ def _merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
     return block_s, min(head_dim, _MERGE_CHANNELS[block_s])
 
 
-def supports(query: torch.Tensor, cache: PrunedKV) -> bool:
+def supports(query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV) -> bool:
     """Whether the Triton kernel handles this step: one bf16/fp16 query token per row with contiguous channels,
     power-of-two head_dim >= 16, kept counts in multiples of at least 16 channels (the smallest `tl.dot` operand), and
-    each row's real middle tokens contiguous (`cache.middle_start` given)."""
+    each row's real middle tokens contiguous (`cache.middle_start` given). A quantized middle needs 8 or 4 bits, a key
+    block of any length >= 1 and a value group that divides head_dim (`QuantizedPrunedKV.quantize` makes no other);
+    `_check` says what its tensors need."""
+    stored, quantized = _parts(cache)
     head_dim = query.shape[-1]
     return (
         query.shape[2] == 1
@@ -74,18 +80,33 @@ def supports(query: torch.Tensor, cache: PrunedKV) -> bool:
         and query.stride(-1) == 1
         and head_dim >= 16
         and head_dim & (head_dim - 1) == 0
-        and cache.layout.chunk >= 16
-        and cache.middle_start is not None
+        and stored.layout.chunk >= 16
+        and stored.middle_start is not None
+        and (
+            quantized is None
+            or (
+                quantized.bits in (4, 8)
+                and quantized.block_size >= 1
+                and quantized.group_size >= 1
+                and head_dim % quantized.group_size == 0
+            )
+        )
     )
 
 
-def takes_new_tokens(new: NewTokens, cache: PrunedKV) -> bool:
+def takes_new_tokens(new: NewTokens, cache: PrunedKV | QuantizedPrunedKV) -> bool:
     """Whether the kernel can write this step's tokens itself: contiguous channels, in the window's dtype."""
+    window = _parts(cache)[0].recent_keys
     return (
-        new.keys.stride(-1) == 1
-        and new.values.stride(-1) == 1
-        and new.keys.dtype == new.values.dtype == cache.recent_keys.dtype
+        new.keys.stride(-1) == 1 and new.values.stride(-1) == 1 and new.keys.dtype == new.values.dtype == window.dtype
     )
+
+
+def _parts(cache: PrunedKV | QuantizedPrunedKV) -> tuple[PrunedKV, QuantizedPrunedKV | None]:
+    """(the `PrunedKV` whose tensors the kernel reads, the quantized cache around it or None for a float middle)."""
+    if isinstance(cache, QuantizedPrunedKV):
+        return cache.cache, cache
+    return cache, None
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -143,14 +164,15 @@ def _middle_splits(tuning: DecodeTuning, middle_rows: int, middle_len: int, slot
 
 
 def leank_decode_triton(
-    query: torch.Tensor, cache: PrunedKV, scaling: float, tuning: DecodeTuning | None = None,
+    query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, scaling: float, tuning: DecodeTuning | None = None,
     new: NewTokens | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Same as `leank_attention_reference` for one query token per row (`Q == 1`): a split launch and a merge launch.
 
     Args:
         query: `[B, Hq, 1, D]`, bf16/fp16; D a power of two (64, 128). Other steps: see `supports`.
-        cache: the stored tokens; the window ends with this step's token (see `PrunedKV`).
+        cache: the stored tokens; the window ends with this step's token (see `PrunedKV`); its middle quantized or
+            not (`QuantizedPrunedKV`).
         scaling: multiplier of q·k.
         tuning: launch parameters; `DecodeTuning()` when None.
         new: this step's token, when the window's last slot is not written yet: the kernel writes it there (keys,
@@ -197,7 +219,7 @@ class LeanKDecoder:
         self._merge_kernels: dict[tuple[int, int], CompiledKernel | None] = {}
 
     def __call__(
-        self, query: torch.Tensor, cache: PrunedKV, scaling: float, new: NewTokens | None = None,
+        self, query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, scaling: float, new: NewTokens | None = None,
         cache_version: Hashable | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """`leank_decode_triton(query, cache, scaling, self.tuning, new)`.
@@ -206,7 +228,8 @@ class LeanKDecoder:
         (reallocated, reordered, re-strided); while it equals the last call's, the cache tensors' strides, dtypes and
         alignment are taken to be the last call's. None: read them every call.
         """
-        if cache.middle_start is None:
+        stored = _parts(cache)[0]
+        if stored.middle_start is None:
             _check(query, cache, new)  # raises; the signature below reads every tensor
         if cache_version is None or cache_version != self._cache_version:
             self._cache_strides, self._cache_signature = _cache_signature(cache)
@@ -225,14 +248,14 @@ class LeanKDecoder:
             self._signature = signature
 
         batch, num_q_heads, _, head_dim = query.shape
-        layout = cache.layout
+        layout = stored.layout
         num_rows = layout.value_rows
-        split_tokens, middle_splits = self._middle_splits(batch * num_rows, cache.middle_len)
-        full_splits = _cdiv(cache.sink_keys.shape[2] + cache.recent_keys.shape[2], self.tuning.full_split_tokens)
+        split_tokens, middle_splits = self._middle_splits(batch * num_rows, stored.middle_len)
+        full_splits = _cdiv(stored.sink_keys.shape[2] + stored.recent_keys.shape[2], self.tuning.full_split_tokens)
         splits = middle_splits + full_splits
         out_part = torch.empty(batch, num_q_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=query.device)
-        grid = (batch * num_rows * middle_splits + batch * cache.recent_keys.shape[1] * full_splits,)
+        grid = (batch * num_rows * middle_splits + batch * stored.recent_keys.shape[1] * full_splits,)
         args = _split_args(
             query, cache, self._cache_strides, new, new_valid, out_part, lse_part, scaling, split_tokens,
             middle_splits, self.tuning,
@@ -260,20 +283,25 @@ class LeanKDecoder:
         return out
 
     def _set_up(
-        self, query: torch.Tensor, cache: PrunedKV, new: NewTokens | None, new_valid: torch.Tensor | None
-    ) -> None:
+        self, query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, new: NewTokens | None,
+        new_valid: torch.Tensor | None,
+    ) -> None:  # fmt: skip
         """Check the inputs and derive the launch constants; forget the compiled kernels (they may not fit)."""
         _check(query, cache, new)
+        stored, quantized = _parts(cache)
         num_q_heads, head_dim = query.shape[1], query.shape[3]
-        num_heads = cache.recent_keys.shape[1]
+        num_heads = stored.recent_keys.shape[1]
         dependent_launch = _dependent_launch(query.device)
-        self._layout = cache.layout
+        self._layout = stored.layout
+        # A float middle is BITS 16; its key block and value group are unused (1: one compiled float kernel).
+        bits, key_block, value_group = (16, 1, 1) if quantized is None else quantized[-3:]
         self._constexprs = {
             "NUM_KV_HEADS": num_heads, "GROUP": num_q_heads // num_heads,
             "GROUP_PAD": max(16, 1 << (num_q_heads // num_heads - 1).bit_length()), "D": head_dim,
-            "CHUNK": cache.layout.chunk, "KMAX": cache.layout.max_kept, "BLOCK_N": self.tuning.block_n,
+            "CHUNK": stored.layout.chunk, "KMAX": stored.layout.max_kept, "BLOCK_N": self.tuning.block_n,
             "LET_MERGE_START": dependent_launch, "NEW_TOKEN": new is not None, "NEW_VALID": new_valid is not None,
-            "MIDDLE_LENGTH_ON_DEVICE": cache.middle_length is not None,
+            "MIDDLE_LENGTH_ON_DEVICE": stored.middle_length is not None, "BITS": bits, "KEY_BLOCK": key_block,
+            "VALUE_GROUP": value_group,
         }  # fmt: skip
         self._options = {"num_warps": self.tuning.num_warps, "num_stages": self.tuning.num_stages}
 
@@ -297,57 +325,129 @@ class LeanKDecoder:
         return self._split_plan[1]
 
 
-def _cache_signature(cache: PrunedKV) -> tuple[tuple, tuple]:
+def _cache_signature(cache: PrunedKV | QuantizedPrunedKV) -> tuple[tuple, tuple]:
     """(strides of the cache tensors the kernel reads, what Triton specialises a compiled kernel on among them: the
-    layout, strides, dtypes and 16-byte alignment of every pointer)."""
+    layout, strides, dtypes and 16-byte alignment of every pointer, and a quantized middle's constants). A quantized
+    middle's scales and zeros (keys', then values') follow the `PrunedKV`'s tensors."""
+    stored, quantized = _parts(cache)
     tensors = (
-        cache.sink_keys, cache.sink_values, cache.sink_lengths, cache.middle_keys, cache.middle_values,
-        cache.middle_start, cache.recent_keys, cache.recent_values, cache.recent_valid,
+        stored.sink_keys, stored.sink_values, stored.sink_lengths, stored.middle_keys, stored.middle_values,
+        stored.middle_start, stored.recent_keys, stored.recent_values, stored.recent_valid,
     )  # fmt: skip
+    if quantized is not None:
+        tensors += (quantized.key_scales, quantized.key_zeros, quantized.value_scales, quantized.value_zeros)
     strides = tuple(tensor.stride() for tensor in tensors)
-    length = cache.middle_length
+    length = stored.middle_length
     return strides, (
-        id(cache.layout),
+        id(stored.layout),
         strides,
         tuple((tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in tensors),
         None if length is None else (length.dtype, length.data_ptr() % 16 == 0),
+        None if quantized is None else quantized[-3:],  # bits, block_size, group_size
     )
 
 
-def _check(query: torch.Tensor, cache: PrunedKV, new: NewTokens | None = None) -> None:
+def _check(query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, new: NewTokens | None = None) -> None:
     """Raise ValueError for inputs the kernel does not handle."""
+    stored, quantized = _parts(cache)
     if not supports(query, cache) or (new is not None and not takes_new_tokens(new, cache)):
         new_tokens = "" if new is None else (
             f", new keys/values {new.keys.dtype}/{new.values.dtype} (channel strides {new.keys.stride(-1)}/"
-            f"{new.values.stride(-1)}) for a {cache.recent_keys.dtype} window"
+            f"{new.values.stride(-1)}) for a {stored.recent_keys.dtype} window"
+        )  # fmt: skip
+        middle = "" if quantized is None else (
+            f", a middle quantized to {quantized.bits} bits in key blocks of {quantized.block_size} tokens and value "
+            f"groups of {quantized.group_size} channels"
         )  # fmt: skip
         raise ValueError(
             f"the LeanK decode kernel handles one bf16/fp16 query token per row (contiguous channels) with kept counts "
-            f"in multiples of 16 and contiguous real middle tokens; got query {tuple(query.shape)} {query.dtype} "
-            f"(channel stride {query.stride(-1)}), channel tile {cache.layout.chunk}, middle_start "
-            f"{'None' if cache.middle_start is None else 'given'}{new_tokens} (see `supports`)"
+            f"in multiples of 16 and contiguous real middle tokens, a quantized middle in 8 or 4 bits with value "
+            f"groups that divide head_dim; got query {tuple(query.shape)} {query.dtype} (channel stride "
+            f"{query.stride(-1)}), channel tile {stored.layout.chunk}, middle_start "
+            f"{'None' if stored.middle_start is None else 'given'}{new_tokens}{middle} (see `supports`)"
         )
     shared = (
-        cache.sink_keys.stride() == cache.sink_values.stride()
-        and cache.recent_keys.stride() == cache.recent_values.stride()
+        stored.sink_keys.stride() == stored.sink_values.stride()
+        and stored.recent_keys.stride() == stored.recent_values.stride()
     )
     if not shared:
         raise ValueError("sink (and window) keys and values must share one layout")
-    if cache.middle_keys.stride(3) != 1 or cache.middle_keys.stride(2) != cache.layout.chunk:
+    if quantized is not None:
+        _check_quantized(quantized, query.shape[-1])
+    elif stored.middle_keys.stride(3) != 1 or stored.middle_keys.stride(2) != stored.layout.chunk:
         raise ValueError("the middle-key store must be chunk-major with contiguous chunks (see ChannelLayout)")
 
 
+def _check_quantized(cache: QuantizedPrunedKV, head_dim: int) -> None:
+    """Raise ValueError for a quantized middle whose tensors the kernel cannot read: uint8 codes, key codes
+    chunk-major with contiguous chunks, every code row and every row of scales contiguous, zeros laid out as their
+    scales, and scales for every stored slot (key blocks up to the last slot's, covering the capacity when
+    `middle_length` is given)."""
+    stored, bits = cache.cache, cache.bits
+    keys, values = stored.middle_keys, stored.middle_values
+    batch, chunks, middle, chunk = *stored.middle_keys.shape[:3], stored.layout.chunk
+    key_bytes, value_bytes = chunk * bits // 8, head_dim * bits // 8
+    if keys.dtype != torch.uint8 or values.dtype != torch.uint8:
+        raise ValueError(f"quantized middle codes must be uint8, got keys {keys.dtype} and values {values.dtype}")
+    if keys.shape[3] != key_bytes or keys.stride(3) != 1 or keys.stride(2) != key_bytes:
+        raise ValueError(
+            f"the middle-key codes must be chunk-major with contiguous chunks of {key_bytes} bytes per token "
+            f"({chunk} channels at {bits} bits); got shape {tuple(keys.shape)}, strides {keys.stride()}"
+        )
+    if values.shape[3] != value_bytes or values.stride(3) != 1:
+        raise ValueError(
+            f"the middle-value codes must be rows of {value_bytes} contiguous bytes (head_dim {head_dim} at {bits} "
+            f"bits); got shape {tuple(values.shape)}, strides {values.stride()}"
+        )
+    blocks = -(-middle // cache.block_size)
+    expected = {
+        "key": ((batch, chunks, chunk), 2, blocks, cache.key_scales, cache.key_zeros),
+        "value": ((batch, values.shape[1], head_dim // cache.group_size), 2, middle, cache.value_scales,
+                  cache.value_zeros),
+    }  # fmt: skip
+    for name, (shape, axis, least, scales, zeros) in expected.items():
+        fits = (
+            scales.is_floating_point()
+            and zeros.is_floating_point()
+            and scales.shape == zeros.shape
+            and scales.stride() == zeros.stride()
+            and scales.dim() == 4
+            and (*scales.shape[:axis], *scales.shape[axis + 1 :]) == shape
+            and scales.shape[axis] >= least
+            and scales.stride(3) == 1
+        )
+        if not fits:
+            raise ValueError(
+                f"the {name} scales and zeros must be float tensors of one layout, [{', '.join(map(str, shape[:2]))}, "
+                f">= {least}, {shape[2]}] with contiguous rows; got scales {tuple(scales.shape)} {scales.dtype} "
+                f"strides {scales.stride()}, zeros {tuple(zeros.shape)} {zeros.dtype} strides {zeros.stride()}"
+            )
+
+
 def _split_args(
-    query: torch.Tensor, cache: PrunedKV, cache_strides: tuple, new: NewTokens | None, new_valid: torch.Tensor | None,
-    out_part: torch.Tensor, lse_part: torch.Tensor, scaling: float, split_tokens: int, middle_splits: int,
-    tuning: DecodeTuning,
+    query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, cache_strides: tuple, new: NewTokens | None,
+    new_valid: torch.Tensor | None, out_part: torch.Tensor, lse_part: torch.Tensor, scaling: float, split_tokens: int,
+    middle_splits: int, tuning: DecodeTuning,
 ) -> tuple:  # fmt: skip
     """`_leank_decode_kernel`'s arguments up to its constexprs, in order; `cache_strides` as `_cache_signature` gives
-    them, partial results contiguous. Without new tokens (or their flags, or a device middle length) cache tensors
-    stand in for them: the kernel is then compiled without reading them."""
-    sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides = cache_strides
+    them, partial results contiguous. Without new tokens (or their flags, or a device middle length, or a quantized
+    middle's scales) cache tensors stand in for them: the kernel is then compiled without reading them."""
+    stored, quantized = _parts(cache)
+    sink_strides, _, _, middle_key_strides, middle_value_strides, _, window_strides, _, valid_strides, *scales = (
+        cache_strides
+    )
     batch = query.shape[0]
-    layout = cache.layout
+    layout = stored.layout
+    if quantized is None:
+        scale_args = (
+            stored.middle_keys, stored.middle_keys, 0, 0, 0, stored.middle_values, stored.middle_values, 0, 0, 0,
+        )  # fmt: skip
+    else:
+        scale_args = (
+            quantized.key_scales, quantized.key_zeros, *scales[0][:3],
+            quantized.value_scales, quantized.value_zeros, *scales[2][:3],
+        )  # fmt: skip
+    cache = stored  # the tensors of the PrunedKV from here on
     if new is None:
         new_tensors, new_strides = (cache.recent_keys, cache.recent_values), (0, 0, 0, 0)
     else:
@@ -358,6 +458,7 @@ def _split_args(
         cache.sink_keys, cache.sink_values, cache.sink_lengths, *sink_strides[:3], cache.sink_keys.shape[2],
         cache.middle_keys, *middle_key_strides[:2],
         cache.middle_values, *middle_value_strides[:3],
+        *scale_args,
         cache.middle_start, cache.middle_start if cache.middle_length is None else cache.middle_length,
         cache.middle_len,
         cache.recent_keys, cache.recent_values, cache.recent_valid, *window_strides[:3], valid_strides[0],

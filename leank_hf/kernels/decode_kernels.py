@@ -11,6 +11,10 @@ are the slots from its `middle_start` on (a per-token flag read would be a synch
 cannot prefetch; it cost ~15 % of bandwidth). Scores are base-2 (`qk_scale` is the model's scaling times log2 e).
 Each split writes its output and log-sum-exp; `_merge_kernel` combines them, launched on Hopper as a programmatic
 dependent so that it starts while the last splits run.
+
+The middle may be stored quantized (`BITS` 8 or 4, see `quantization.py`; 16 is the float store): the middle programs
+then load the uint8 codes and their fp16 scales and zeros, and dequantize in registers (`_dequantized`). Every
+constexpr branch on `BITS` keeps the float store's code exactly as it was without them.
 """
 
 from __future__ import annotations
@@ -32,25 +36,83 @@ def _online_softmax_update(scores, values, m_i, l_i, acc):
 
 
 @triton.jit
+def _code_offsets(lanes, WIDTH: tl.constexpr, BITS: tl.constexpr):
+    """Where each of `lanes` (element indices in `[0, WIDTH)` of a stored row of `WIDTH` elements) sits in the row as
+    stored: itself in a float or 8-bit row; at 4 bits byte `lane % (WIDTH / 2)` (quantization.py packs halves)."""
+    if BITS == 4:
+        lanes = lanes % (WIDTH // 2)
+    return lanes
+
+
+@triton.jit
+def _dequantized(raw, lanes, scales, zeros, mask, dtype, WIDTH: tl.constexpr, BITS: tl.constexpr):
+    """`zero + code * scale` in fp32, then in `dtype` (the query's, for `tl.dot`), of the bytes `raw` loaded for
+    `lanes` of rows of `WIDTH` codes (broadcastable to `raw`); `scales` and `zeros` point at each element's. At 4 bits
+    lanes of the first half of a row are the low nibbles, of the second half the high ones."""
+    codes = raw
+    if BITS == 4:
+        codes = (raw >> (lanes // (WIDTH // 2) * 4).to(tl.uint8)) & 0xF
+    scale = tl.load(scales, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros, mask=mask, other=0.0).to(tl.float32)
+    return (zero + codes.to(tl.float32) * scale).to(dtype)
+
+
+@triton.jit
 def _middle_tiles(
-    q_rows, g_mask, channel_row, head_start, kept, k_base, v_base, stride_mkc, stride_mvn, row_start, first, last,
-    m_i, l_i, acc, qk_scale, CHUNK: tl.constexpr, KMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_rows, g_mask, channel_row, head_start, kept, k_base, v_base, stride_mkc, stride_mvn, ks_base, kz_base,
+    stride_ksc, stride_ksk, vs_base, vz_base, stride_vsn, row_start, first, last, m_i, l_i, acc, qk_scale,
+    CHUNK: tl.constexpr, KMAX: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+    KEY_BLOCK: tl.constexpr, VALUE_GROUP: tl.constexpr,
 ):  # fmt: skip
     """Attend over middle tokens `[first, last)` of one head (real from `row_start` on), on its kept channels
     (`channel_row`: their indices, padded to `KMAX`). In the chunk-major store lane c of token n sits at chunk
-    c // CHUNK, offset n * CHUNK + c % CHUNK, so each chunk of a tile is one contiguous `BLOCK_N * CHUNK` run."""
+    c // CHUNK, offset n * CHUNK + c % CHUNK, so each chunk of a tile is one contiguous `BLOCK_N * CHUNK` run.
+
+    Quantized (`BITS` 8 or 4), a token's row in a chunk is `CHUNK * BITS / 8` bytes and lane c's code is its byte
+    `_code_offsets(c % CHUNK)`; its scale and zero are those of lane c in key block n // KEY_BLOCK (`ks_base`: the
+    row's `[chunks, blocks, CHUNK]` scales). A value row's code of channel d is byte `_code_offsets(d)` (`v_base` has
+    those offsets), its scale and zero at `[n, d // VALUE_GROUP]` from `vs_base`. Every tile is dequantized in
+    registers and cast to the query's dtype before `tl.dot`, the precision the float store keeps its keys and values
+    in. (Folding the scales into the query instead would need a tile within one key block, but tiles start at any
+    multiple of 16 tokens and blocks may be any length: a tile may span several.) At 4 bits each byte of a key tile is
+    loaded for both of its lanes, so one `[KMAX, BLOCK_N]` tile and one dot serve both widths; the two loads of a byte
+    fall in the same cache line, so memory traffic is the packed bytes."""
     offs_c = tl.arange(0, KMAX)
     c_mask = (offs_c // CHUNK) < (kept // CHUNK)
     channels = tl.load(channel_row + offs_c)
     q_kept = tl.load(q_rows + channels[None, :], mask=g_mask[:, None] & c_mask[None, :], other=0.0)
-    k_lanes = k_base + ((head_start // CHUNK + offs_c // CHUNK) * stride_mkc + offs_c % CHUNK)[:, None]
+    if BITS == 16:
+        k_lanes = k_base + ((head_start // CHUNK + offs_c // CHUNK) * stride_mkc + offs_c % CHUNK)[:, None]
+    else:
+        chunks = head_start // CHUNK + offs_c // CHUNK
+        lanes = offs_c % CHUNK
+        k_lanes = k_base + (chunks * stride_mkc + _code_offsets(lanes, CHUNK, BITS))[:, None]
+        ks_lanes = (chunks * stride_ksc + lanes)[:, None]
+        offs_d = tl.arange(0, D)
+        vs_columns = (offs_d // VALUE_GROUP)[None, :]
     for start in range(first, last, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         in_range = offs_n < last
-        k = tl.load(k_lanes + offs_n[None, :] * CHUNK, mask=c_mask[:, None] & in_range[None, :], other=0.0)
+        if BITS == 16:
+            k = tl.load(k_lanes + offs_n[None, :] * CHUNK, mask=c_mask[:, None] & in_range[None, :], other=0.0)
+        else:
+            k_mask = c_mask[:, None] & in_range[None, :]
+            raw = tl.load(k_lanes + offs_n[None, :] * (CHUNK * BITS // 8), mask=k_mask, other=0)
+            blocks = (offs_n // KEY_BLOCK)[None, :] * stride_ksk  # a tile may straddle blocks: per token
+            k = _dequantized(
+                raw, lanes[:, None], ks_base + ks_lanes + blocks, kz_base + ks_lanes + blocks, k_mask, q_kept.dtype,
+                CHUNK, BITS,
+            )  # fmt: skip
         real = in_range & (offs_n >= row_start)
         scores = tl.where(real[None, :], tl.dot(q_kept, k) * qk_scale, float("-inf"))
-        v = tl.load(v_base + offs_n[:, None] * stride_mvn, mask=in_range[:, None], other=0.0)
+        if BITS == 16:
+            v = tl.load(v_base + offs_n[:, None] * stride_mvn, mask=in_range[:, None], other=0.0)
+        else:
+            raw = tl.load(v_base + offs_n[:, None] * stride_mvn, mask=in_range[:, None], other=0)
+            v_groups = offs_n[:, None] * stride_vsn + vs_columns
+            v = _dequantized(
+                raw, offs_d[None, :], vs_base + v_groups, vz_base + v_groups, in_range[:, None], q_kept.dtype, D, BITS
+            )
         m_i, l_i, acc = _online_softmax_update(scores, v, m_i, l_i, acc)
     return m_i, l_i, acc
 
@@ -119,6 +181,8 @@ def _leank_decode_kernel(
     SinkK, SinkV, SinkLen, stride_sb, stride_sh, stride_sn, sink_slots,
     MidK, stride_mkb, stride_mkc,
     MidV, stride_mvb, stride_mvh, stride_mvn,
+    KeyScales, KeyZeros, stride_ksb, stride_ksc, stride_ksk,
+    ValueScales, ValueZeros, stride_vsb, stride_vsh, stride_vsn,
     MidStart, MidLen, middle_len,
     WinK, WinV, WinValid, stride_wb, stride_wh, stride_wn, stride_wvalb, window_len,
     NewK, NewV, NewValid, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
@@ -127,7 +191,8 @@ def _leank_decode_kernel(
     qk_scale, batch, split_tokens, middle_splits, full_split_tokens,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     CHUNK: tl.constexpr, KMAX: tl.constexpr, BLOCK_N: tl.constexpr, LET_MERGE_START: tl.constexpr,
-    NEW_TOKEN: tl.constexpr, NEW_VALID: tl.constexpr, MIDDLE_LENGTH_ON_DEVICE: tl.constexpr,
+    NEW_TOKEN: tl.constexpr, NEW_VALID: tl.constexpr, MIDDLE_LENGTH_ON_DEVICE: tl.constexpr, BITS: tl.constexpr,
+    KEY_BLOCK: tl.constexpr, VALUE_GROUP: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if LET_MERGE_START:  # the merge may launch once every program has started (it waits for their results)
@@ -155,10 +220,13 @@ def _leank_decode_kernel(
         q_rows = Q + b * stride_qb + heads[:, None] * stride_qh
         first = tl.maximum(split * split_tokens, row_start // BLOCK_N * BLOCK_N)  # skip tiles with no real token
         last = tl.minimum(split * split_tokens + split_tokens, middle_len)
+        vs_row = b * stride_vsb + row * stride_vsh  # (the scales' arguments are stand-ins for a float store)
         m_i, l_i, acc = _middle_tiles(
             q_rows, g_mask, ChannelTable + row * KMAX, head_start, kept, MidK + b * stride_mkb,
-            MidV + b * stride_mvb + row * stride_mvh + offs_d[None, :], stride_mkc, stride_mvn, row_start, first, last,
-            m_i, l_i, acc, qk_scale, CHUNK, KMAX, BLOCK_N,
+            MidV + b * stride_mvb + row * stride_mvh + _code_offsets(offs_d, D, BITS)[None, :], stride_mkc, stride_mvn,
+            KeyScales + b * stride_ksb, KeyZeros + b * stride_ksb, stride_ksc, stride_ksk, ValueScales + vs_row,
+            ValueZeros + vs_row, stride_vsn, row_start, first, last, m_i, l_i, acc, qk_scale, CHUNK, KMAX, D, BLOCK_N,
+            BITS, KEY_BLOCK, VALUE_GROUP,
         )  # fmt: skip
     else:
         # The remaining programs share every head's full-width tokens: the sink, then the window (ending with this

@@ -12,14 +12,15 @@ from types import ModuleType
 
 import torch
 
-from .layout import NewTokens, PrunedKV
+from .layout import NewTokens, PrunedKV, QuantizedPrunedKV
 from .reference import leank_attention_reference
 
 
 class LeanKAttention:
     """LeanK attention of one layer, step after step: the Triton decode kernel where it applies (see
     `kernel_devices` and `decode.supports`), else the PyTorch reference (CPU, fp32, multi-token steps). Same semantics
-    either way (see `leank_attention_reference`).
+    either way (see `leank_attention_reference`), whether the middle is stored in the model's dtype (`PrunedKV`) or
+    quantized (`QuantizedPrunedKV`: the kernel dequantizes it in registers, the reference in fp32).
 
     It keeps the layer's `LeanKDecoder`, so the kernel's launch set-up is paid once per layer, not once per step.
     """
@@ -34,7 +35,7 @@ class LeanKAttention:
         return LeanKAttention()  # launch state is only a cache: a copied cache layer builds its own
 
     def __call__(
-        self, query: torch.Tensor, cache: PrunedKV, scaling: float, new: NewTokens | None = None,
+        self, query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, scaling: float, new: NewTokens | None = None,
         cache_version: Hashable | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Attention of `query` `[B, Hq, Q, D]` over `cache`; `[B, Hq, Q, D]` in the query dtype.
@@ -64,6 +65,6 @@ def _decode_launcher() -> ModuleType:
     return decode
 
 
-def leank_attention(query: torch.Tensor, cache: PrunedKV, scaling: float) -> torch.Tensor:
+def leank_attention(query: torch.Tensor, cache: PrunedKV | QuantizedPrunedKV, scaling: float) -> torch.Tensor:
     """`LeanKAttention` for a single call."""
     return LeanKAttention()(query, cache, scaling)

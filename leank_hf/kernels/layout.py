@@ -250,7 +250,8 @@ class NewTokens(NamedTuple):
     valid: torch.Tensor | None
 
     def write(self, cache: PrunedKV | QuantizedPrunedKV) -> None:
-        """Write the tokens into the last `Q` window slots of `cache` (what the kernel does as it attends)."""
+        """Write the tokens into the last `Q` window slots of `cache` (what the kernel does as it attends); a quantized
+        cache's window is its `PrunedKV`'s, at full width like any window."""
         if isinstance(cache, QuantizedPrunedKV):
             cache = cache.cache
         count = self.keys.shape[2]
