@@ -18,11 +18,12 @@ from leank_hf.cache.layer import LeanKLayer
 from leank_hf.cache.static_layer import StaticLeanKLayer
 from leank_hf.cache.stores import FixedStore, QuantizedMiddle
 from leank_hf.compat import cache_kwargs
-from leank_hf.kernels import PrunedKV, QuantizedPrunedKV
+from leank_hf.kernels import LeanKAttention, PrunedKV, QuantizedPrunedKV
 from leank_hf.kv_quantization import KVQuantization
 
 from .conftest import FAMILIES, tiny_model
 from .helpers import drive_layer, keep_all, left_padded_batch, pruned, random_mask, storage_bytes, tensors_held
+from .tolerances import assert_close
 
 GREEDY = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
 
@@ -323,3 +324,23 @@ def test_default_group_fits_every_head_dim():
     assert KVQuantization(4).group_size(96) == 32  # Phi-3's head_dim
     assert KVQuantization(4).group_size(32) == 32
     assert KVQuantization(8, 16).group_size(96) == 16
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("max_cache_len", [None, 64], ids=["growable", "fixed"])
+def test_quantized_cache_through_the_decode_kernel(monkeypatch, decoder_calls, bits, max_cache_len):
+    """fp16 generate with the Triton kernel (the interpreter on the CPU) reading the quantized stores, against the
+    PyTorch path over the same stores: same tokens, logits within fp16's tolerance."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("llama", torch.float16).to(device)
+    masks = pruned(model)
+    inputs = {k: v.to(device) for k, v in left_padded_batch([30, 17, 26], model.config.vocab_size, seed=5).items()}
+    tokens, logits, _ = quantized_generate(model, masks, inputs, bits, max_new_tokens=10)
+    assert not decoder_calls or device == "cuda"
+    monkeypatch.setattr(LeanKAttention, "kernel_devices", ("cuda", "cpu"))
+    cache = LeanKCache(masks, model, kv_bits=bits, max_cache_len=max_cache_len)
+    out = model.generate(**inputs, **cache_kwargs(cache), output_logits=True, return_dict_in_generate=True,
+                         **{**GREEDY, "max_new_tokens": 10})  # fmt: skip
+    assert decoder_calls, "the decode kernel did not run"
+    assert_close(torch.stack(out.logits).float(), logits.float(), torch.float16)
+    assert torch.equal(out.sequences, tokens)
