@@ -18,7 +18,7 @@ import statistics
 
 import torch
 import triton
-from decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS, L2Flush, bench_sdpa, graph_median_ms, pruned_cache
+from decode_attention import HEAD_DIM, KV_HEADS, Q_HEADS, Timer, bench_sdpa, graph_median_ms, pruned_cache
 
 from leank_hf import LeanKMasks
 from leank_hf.kernels.decode import DecodeTuning, leank_decode_triton
@@ -55,7 +55,7 @@ def main() -> None:
 
     masks = LeanKMasks.from_pretrained(args.masks)
     scaling = HEAD_DIM**-0.5
-    flush = L2Flush(torch.device("cuda"))
+    timer = Timer()
     tunings = [
         DecodeTuning(*values)
         for values in itertools.product(
@@ -67,7 +67,7 @@ def main() -> None:
     for kept, shape in itertools.product(args.kept.split(","), args.shapes.split(",")):
         batch, context = ints(shape.replace("x", ","))
         query = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        sdpa = bench_sdpa(query, context, scaling, flush)
+        sdpa = bench_sdpa(query, context, scaling, timer, layers=1)
         sdpa_ms, sdpa_bytes = sdpa["ms"], sdpa["bytes"]
         built = [pruned_cache(mask, batch, context, 64, 256) for mask in layer_masks(kept, masks, ints(args.layers))]
         leank_bytes = statistics.fmean(nbytes for _, nbytes in built)
@@ -79,7 +79,9 @@ def main() -> None:
             try:
                 timed[tuning] = statistics.fmean(
                     graph_median_ms(
-                        lambda q=query, c=cache, t=tuning: leank_decode_triton(q, c, scaling, t), flush.clean, reps=25
+                        lambda q=query, c=cache, t=tuning: leank_decode_triton(q, c, scaling, t),
+                        timer.flush.clean,
+                        reps=25,
                     )
                     for cache, _ in built
                 )
