@@ -360,7 +360,7 @@ def main() -> None:
     parser.add_argument("--no-quantized-cache", action="store_true", help="skip transformers' QuantizedCache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "quantized_memory_cpu.txt")
-    parser.add_argument("--plot", type=Path, default=HERE / "quantized_memory.png")
+    parser.add_argument("--plot", default=str(HERE / "quantized_memory.png"), help="bar plot PNG ('': none)")
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     bits = [None if b == "none" else int(b) for b in args.kv_bits.split(",")]
@@ -426,8 +426,10 @@ def main() -> None:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    plot(rows, args.plot)
-    print(f"table: {args.out}\nplot: {args.plot}")
+    print(f"table: {args.out}")
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
