@@ -7,21 +7,21 @@ long it should take and in which order). Compiled decoding at 32K x 4, int4 agai
         --setups DynamicCache:flash,LeanKCache-static:flash,LeanKCache-int4-static:flash,QuantizedCache-int4:flash
 
 Largest batch, prefill chunked for every cache; one search per cache, each bracketed by a guess (--batch expected
-to fit: at 4K int4 the target's 2.5 x 80; --upper-batch expected not to); at 32K first whether int4 fits 3x the
-DynamicCache's largest batch (39 = 3 x 13: put in the measured one), the whole search after it if time is left:
+to fit, --upper-batch expected not to; at 4K int4's top is the target, 2.5 x 80); at 32K first whether int4 fits 3x
+the DynamicCache's largest batch (39 = 3 x 13: put in the measured one), the whole search after it if time is left:
 
     G="python benchmarks/generate.py --skip-equal-batch --sdpa-backends default --prefill-chunk 1024"
     $G --find-max-batch --prompt 4096 --caches DynamicCache --batch 78 --upper-batch 82
-    $G --find-max-batch --prompt 4096 --caches LeanKCache-int4 --batch 200 --upper-batch 232
+    $G --find-max-batch --prompt 4096 --caches LeanKCache-int4 --batch 176 --upper-batch 200
     $G --find-max-batch --prompt 32768 --caches DynamicCache --batch 12 --upper-batch 15
     $G --check-batch --prompt 32768 --caches LeanKCache-int4 --batch 39
-    $G --find-max-batch --prompt 32768 --caches LeanKCache-int4 --batch 48 --upper-batch 72
+    $G --find-max-batch --prompt 32768 --caches LeanKCache-int4 --batch 56 --upper-batch 68
 
 Then, as time allows: int8 and transformers' QuantizedCache (which needs optimum-quanto or hqq carried as wheels):
 
     taskset -c 2 python benchmarks/generate.py --prompt 32768 --batch 4 --repeats 3 \
         --setups DynamicCache:flash,LeanKCache-int8-static:flash,LeanKCache-int4:flash,QuantizedCache-int8:flash
-    $G --find-max-batch --prompt 4096 --caches LeanKCache-int8 --batch 150 --upper-batch 176
+    $G --find-max-batch --prompt 4096 --caches LeanKCache-int8 --batch 144 --upper-batch 164
     $G --find-max-batch --prompt 4096 --caches QuantizedCache-int4 --batch 120 --upper-batch 250
 
 For each cache and each SDPA backend (`--sdpa-backends`; prefill attends through SDPA with either cache, decode too

@@ -27,6 +27,7 @@ from .training.recipe import MaskLearningArguments
 from .windows import WindowConfig
 
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+SUITES = ("standard", "ruler")  # what `leank-hf eval --suites` can measure
 Settings = TypeVar("Settings")
 
 
@@ -97,9 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--masks", nargs="*", default=[], help="learned mask repos (each at its own keep ratio)")
     evaluate.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                           help="baselines to compare with (their windows: --sink, --recent, --block-size)")  # fmt: skip
-    evaluate.add_argument("--out", type=Path, required=True, help="dir for eval.json, eval.md and the plot")
+    evaluate.add_argument("--suites", nargs="+", default=["standard"], choices=SUITES,
+                          help="what to measure: standard (KL, top-1 on held-out prose, retrieval in the training "
+                          "format: eval.json, eval.md, accuracy_vs_keep_ratio.png) and/or ruler (the RULER-style "
+                          "suite, --ruler-*: ruler.json, ruler.md, ruler_by_family.png)")  # fmt: skip
+    evaluate.add_argument("--out", type=Path, required=True, help="dir for the suites' tables, JSON and plots")
     evaluate.add_argument("--record-in", type=directory,
-                          help="also store the rows at this mask repo's keep ratio in its config and card")  # fmt: skip
+                          help="also store the standard suite's rows at this mask repo's keep ratio in its config and "
+                          "card")  # fmt: skip
     evaluate.set_defaults(run=_evaluate)
     return parser
 
@@ -281,7 +287,15 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .eval import accuracy_png, evaluate, format_table, standard_methods
+    from .eval import (
+        accuracy_png,
+        evaluate,
+        evaluate_ruler,
+        format_ruler_table,
+        format_table,
+        ruler_png,
+        standard_methods,
+    )
     from .masks.io import atomic_write_bytes, json_bytes
 
     measured, windows = settings(EvaluationArguments, args), settings(WindowConfig, args)
@@ -290,6 +304,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     learned = [LeanKMasks.from_pretrained(repo) for repo in args.masks]
     record = LeanKMasks.from_pretrained(args.record_in) if args.record_in else None
     ratios = measured.keep_ratios
+    if record is not None and "standard" not in args.suites:
+        raise ValueError("--record-in stores the standard suite's rows; add standard to --suites or drop --record-in")
     if record is not None and round(record.keep_ratio, 2) not in {round(r, 2) for r in ratios}:
         raise ValueError(
             f"--record-in {args.record_in} keeps {record.keep_ratio:.2f} of the key channels, which --keep-ratios "
@@ -297,22 +313,32 @@ def _evaluate(args: argparse.Namespace) -> None:
         )
     model, tokenizer = load_model(*source, dtype=args.dtype)
     methods = standard_methods(model, tokenizer, learned, args.baselines, windows=windows)
-    rows = evaluate(model, tokenizer, methods, measured, quantization)
-    table = format_table(rows)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     # Everything is rendered before the first write, and the record (which renders its own files first) is saved
     # before the outputs: a failure leaves --out and --record-in as they were.
-    outputs = {
-        "eval.json": json_bytes({"rows": rows, "arguments": arguments}, "eval.json"),
-        "eval.md": (table + "\n").encode("utf-8"),
-        "accuracy_vs_keep_ratio.png": accuracy_png(rows),
-    }
+    outputs, tables, rows = {}, [], []
+    if "standard" in args.suites:
+        rows = evaluate(model, tokenizer, methods, measured, quantization)
+        tables.append(format_table(rows))
+        outputs |= {
+            "eval.json": json_bytes({"rows": rows, "arguments": arguments}, "eval.json"),
+            "eval.md": (tables[-1] + "\n").encode("utf-8"),
+            "accuracy_vs_keep_ratio.png": accuracy_png(rows),
+        }
+    if "ruler" in args.suites:
+        ruler_rows = evaluate_ruler(model, tokenizer, methods, measured, quantization)
+        tables.append(format_ruler_table(ruler_rows))
+        outputs |= {
+            "ruler.json": json_bytes({"rows": ruler_rows, "arguments": arguments}, "ruler.json"),
+            "ruler.md": (tables[-1] + "\n").encode("utf-8"),
+            "ruler_by_family.png": ruler_png(ruler_rows),
+        }
     if record is not None:
         kept = [r for r in rows if r["keep_ratio"] in (1.0, round(record.keep_ratio, 2))]
         record.replace(evaluation=kept).save_pretrained(args.record_in, overwrite_card=True)
     for name, data in outputs.items():
         atomic_write_bytes(args.out / name, data)
-    print(table)
+    print("\n\n".join(tables))
     if record is not None:
         print(f"evaluation recorded in {args.record_in}")
 

@@ -14,13 +14,14 @@ import torch
 
 
 def window_sizes(step_lengths: list[int], recent: int, block: int) -> list[int]:
-    """Window size before each step."""
+    """Window size before each step: once a step leaves `recent + block` tokens or more in the window, its oldest
+    tokens leave it in whole blocks, as many as leave at least `recent` (the window starts on a block boundary)."""
     sizes, window = [], 0
     for n in step_lengths:
         sizes.append(window)
         window += n
         if window >= recent + block:
-            window = recent
+            window -= (window - recent) // block * block
     return sizes
 
 

@@ -212,9 +212,11 @@ def test_train_keeps_the_flag_names_users_know():
     argv = ["train", "--out", "run", "--keep-ratio", "0.5", "--align", "32", "--sink", "4", "--recent", "16",
             "--lengths", "100", "200", "--examples", "9", "--stage1-steps", "3", "--stage2-steps", "4", "--lr", "0.1",
             "--stage2-lr", "0.001", "--l1-weight", "0.2", "--batch-size", "2", "--gradient-accumulation-steps", "3",
-            "--save-steps", "5", "--logging-steps", "6", "--seed", "7", "--base-model", "org/m"]  # fmt: skip
+            "--save-steps", "5", "--logging-steps", "6", "--seed", "7", "--base-model", "org/m", "--mixture",
+            "facts"]  # fmt: skip
     assert settings(MaskLearningArguments, build_parser().parse_args(argv)) == MaskLearningArguments(
-        keep_ratio=0.5, align=32, sink=4, recent=16, lengths=[100, 200], examples=9, stage1_steps=3, stage2_steps=4,
+        keep_ratio=0.5, align=32, sink=4, recent=16, lengths=[100, 200], examples=9, mixture="facts", stage1_steps=3,
+        stage2_steps=4,
         learning_rate=0.1, stage2_learning_rate=0.001, l1_weight=0.2, batch_size=2, gradient_accumulation_steps=3,
         save_steps=5, logging_steps=6, seed=7, base_model="org/m",
     )  # fmt: skip
@@ -267,6 +269,14 @@ def run(argv: list[str]) -> int:
         (["eval", "--out", "{tmp}/eval", "--masks", "{tmp}/nonexistent"], "no LeanK mask directory"),
         (["eval", "--out", "{tmp}/eval", "--record-in", "smollm2-135m-instruct"], "no such directory"),
         (["eval", "--out", "{tmp}/eval", "--record-in", "{repo}", "--keep-ratios", "0.3"], "add 0.50 to them"),
+        (["eval", "--out", "{tmp}/eval", "--suites", "longbench"], "invalid choice: 'longbench'"),
+        (["eval", "--out", "{tmp}/eval", "--suites", "ruler", "--ruler-families", "niah"], "invalid choice: 'niah'"),
+        (["eval", "--out", "{tmp}/eval", "--suites", "ruler", "--ruler-tokens", "100"],
+         "ruler_tokens must be an integer >= 256, got 100"),
+        (["eval", "--out", "{tmp}/eval", "--ruler-tasks", "0"], "ruler_tasks must be an integer > 0"),
+        (["eval", "--out", "{tmp}/eval", "--suites", "ruler", "--record-in", "{repo}", "--keep-ratios", "0.5"],
+         "add standard to --suites"),
+        (["train", "--out", "{tmp}/run", "--mixture", "alice"], "invalid choice: 'alice'"),
     ],
 )  # fmt: skip
 def test_inputs_are_checked_before_a_model_loads(argv, message, tmp_path, monkeypatch, capsys):
@@ -356,6 +366,31 @@ def test_train_then_resume_then_eval(tiny_model_dir, tmp_path, capsys):
     recorded = LeanKMasks.from_pretrained(record)
     assert [row["method"] for row in recorded.evaluation] == ["full cache", "learned", "calibration", "think", "random"]
     assert "| learned | 0.5 |" in (record / "README.md").read_text()
+
+
+def test_eval_runs_the_ruler_suite_with_quantized_stores(tiny_model_dir, tmp_path, capsys):
+    """`leank-hf eval --suites standard ruler` end to end on a random model: both suites' tables, JSON and plots, the
+    methods' rows named with the quantization, every family asked for, none solved (a random model), all n/a."""
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_model_dir), "--suites", "standard", "ruler", "--keep-ratios", "0.5",
+                 "--baselines", "random", "think", "--sink", "4", "--recent", "16", "--kv-bits", "4",
+                 "--text-tokens", "128", "--positions", "8", "--texts", "1", "--retrieval-tokens", "120",
+                 "--retrieval-tasks", "1", "--ruler-tokens", "300", "--ruler-tasks", "1", "--ruler-families",
+                 "niah_multivalue", "common_words", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy_vs_keep_ratio.png", "eval.json", "eval.md", "ruler.json", "ruler.md", "ruler_by_family.png",
+    ]  # fmt: skip
+    ruler_table = (out / "ruler.md").read_text().strip()
+    assert printed.strip() == (out / "eval.md").read_text().strip() + "\n\n" + ruler_table
+    assert ruler_table.splitlines()[0] == "| tokens | method | keep ratio | niah_multivalue | common_words | all |"
+    assert "| 300 | full cache | 1.00 | 0/1 | 0/1 | 0/2 |" in ruler_table
+    assert "| 300 | think int4 | 0.50 | n/a | n/a | n/a |" in ruler_table
+    rows = json.loads((out / "ruler.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["rows"]
+    assert {(r["method"], r["family"]) for r in rows} == {
+        (m, f) for m in ("full cache", "random int4", "think int4") for f in ("niah_multivalue", "common_words", "all")
+    }
+    assert (out / "ruler_by_family.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_diverged_run_ends_in_one_error_line(tmp_path, monkeypatch, capsys):

@@ -197,6 +197,11 @@ def test_heldout_windows(smollm2_tokenizer):
         ({"retrieval_depths": [0.9, 0.5]}, "retrieval_depths must be two relative depths LOW HIGH"),
         ({"retrieval_depths": [0.5]}, "retrieval_depths must be two relative depths"),
         ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"ruler_tokens": [2048, 200]}, "ruler_tokens must be an integer >= 256, got 200"),
+        ({"ruler_tokens": []}, "ruler_tokens must name one or more prompt lengths"),
+        ({"ruler_tasks": 0}, "ruler_tasks must be an integer > 0"),
+        ({"ruler_families": ["niah_single", "qa"]}, "ruler_families must name one or more of niah_single"),
+        ({"ruler_families": ["niah_single", "niah_single"]}, "each once"),
     ],
 )
 def test_evaluation_arguments_name_the_bad_field(fields, message):

@@ -94,7 +94,7 @@ def twin_layers(mask, bits: int, group: int, **windows) -> tuple[LeanKLayer, Lea
 
 STEPS = {
     "prefill-then-decode": ([200] + [1] * 40, [0, 7]),
-    "chunks": ([37, 23, 50, 5, 1, 1, 30] + [1] * 12, [0, 29]),  # chunks that end inside key blocks
+    "chunks": ([37, 23, 50, 5, 1, 1, 30] + [1] * 12, [0, 29]),  # chunks of any length: blocks leave whole
     "padding-longer-than-the-sink": ([3, 60] + [1] * 20, [9, 0, 2]),
     "short": ([5, 1, 1, 1], [0, 2]),  # never leaves the window
 }
@@ -138,7 +138,7 @@ def test_row_operations_keep_the_quantized_store_the_unquantized_one_quantized(b
         operation(plain)
         operation(quantized)
         assert_holds_quantized(quantized.view(), plain.view())
-    assert quantized.store.flushed.middle.tail_keys.shape[0] == 4
+    assert quantized.store.flushed.middle.keys.shape[0] == 4
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -289,7 +289,7 @@ def test_compiled_decoding_with_quantized_fixed_stores_decodes_like_the_growing_
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("max_cache_len", [None, 96])
-def test_memory_report_counts_codes_scales_and_the_unquantized_tail(bits, max_cache_len):
+def test_memory_report_counts_codes_and_scales(bits, max_cache_len):
     model = tiny_model("qwen2")
     inputs = left_padded_batch([30, 17, 26], model.config.vocab_size)
     cache = LeanKCache(pruned(model), model, kv_bits=bits, max_cache_len=max_cache_len)

@@ -3,7 +3,9 @@
 Every method decodes on top of an exact (dense) prefill, as LeanK does in `generate`:
 - next-token KL divergence and top-1 agreement with the full cache over the last `positions` tokens of held-out
   prose (the book's held-out chapters), fed one token at a time;
-- retrieval accuracy on held-out retrieval tasks that the full cache solves (so 1.0 = nothing lost).
+- retrieval accuracy on held-out retrieval tasks that the full cache solves (so 1.0 = nothing lost), in the format the
+  shipped masks were trained on (`make_retrieval_dataset`'s ``"facts"`` mixture in *Alice*'s held-out chapters).
+The RULER-style suite, in texts and phrasings no training data uses, is `leank_hf.eval.ruler.evaluate_ruler`.
 A method is a function `(keep_ratio, prompt_ids) -> LeanKMasks | None` (None: no masks at that ratio), so static
 masks (learned, calibration, random) and per-prompt ones (ThinK) are compared the same way. What is measured is an
 `EvaluationArguments`, the home of its defaults (and of `leank-hf eval`'s options).
@@ -31,6 +33,7 @@ from ..windows import DEFAULT_WINDOWS, WindowConfig
 from .metrics import answers_correctly, decoded_logits, heldout_windows, next_token_agreement
 from .prose import prose_text
 from .retrieval import check_depths, make_retrieval_dataset
+from .tasks import FAMILIES, check_families
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 MaskSource = Callable[[float, torch.Tensor], LeanKMasks | None]
 FULL_CACHE = "full cache"
 BASELINES = ("calibration", "think", "random")
+MIN_RULER_TOKENS = 256
 
 
 @dataclass
@@ -45,7 +49,7 @@ class EvaluationArguments:
     """What `evaluate` measures; `leank-hf eval` makes its options from these fields with `HfArgumentParser`.
 
     The defaults are those of the shipped SmolLM2 masks' evaluation (BENCHMARKS.md section 4), which also passed
-    `retrieval_tasks=40`.
+    `retrieval_tasks=40`. The `ruler_*` fields (and `keep_ratios`, `seed`) are what `evaluate_ruler` measures.
 
     Raises:
         ValueError: naming the field, for a value out of range (checked before any model is loaded).
@@ -64,7 +68,16 @@ class EvaluationArguments:
         default_factory=lambda: [0.5, 0.85],
         metadata={"help": "relative depth of the asked fact in each retrieval task", "metavar": ("LOW", "HIGH")},
     )
-    seed: int = field(default=0, metadata={"help": "seed of the retrieval tasks"})
+    seed: int = field(default=0, metadata={"help": "seed of the retrieval and RULER-style tasks"})
+    ruler_tokens: list[int] = field(
+        default_factory=lambda: [2048, 4096],
+        metadata={"help": "prompt lengths of the RULER-style suite (evaluate_ruler), in tokens"},
+    )
+    ruler_tasks: int = field(default=50, metadata={"help": "RULER-style tasks per family and length"})
+    ruler_families: list[str] = field(
+        default_factory=lambda: list(FAMILIES),
+        metadata={"help": "task families of the RULER-style suite", "choices": list(FAMILIES)},
+    )
 
     def __post_init__(self) -> None:
         for ratio in self.keep_ratios:
@@ -78,6 +91,13 @@ class EvaluationArguments:
             )
         check_depths(self.retrieval_depths, name="retrieval_depths")
         check_range(self.seed, 0, name="seed", integer=True)
+        if not self.ruler_tokens:
+            raise ValueError("ruler_tokens must name one or more prompt lengths")
+        for tokens in self.ruler_tokens:
+            # The longest question, answer prefix and needles take ~250 tokens: shorter prompts would hold no filler.
+            check_range(tokens, MIN_RULER_TOKENS, name="ruler_tokens", integer=True)
+        check_range(self.ruler_tasks, 0, name="ruler_tasks", low_open=True, integer=True)
+        check_families(self.ruler_families, name="ruler_families")
 
 
 def evaluate(
@@ -107,7 +127,7 @@ def evaluate(
     lengths = (arguments.retrieval_tokens, arguments.retrieval_tokens)
     tasks = make_retrieval_dataset(
         tokenizer, lengths, arguments.retrieval_tasks, facts=(1, 3), depths=tuple(arguments.retrieval_depths),
-        split="heldout", seed=arguments.seed,
+        split="heldout", seed=arguments.seed, mixture="facts",
     )  # fmt: skip
     examples = [tasks.example(i) for i in range(len(tasks))]
     solved = [
@@ -117,11 +137,8 @@ def evaluate(
     ]
     rows = [{"method": FULL_CACHE, "keep_ratio": 1.0, "kl": 0.0, "top1": 1.0, "retrieval": 1.0,
              "full_cache_solved": f"{len(solved)}/{len(examples)}"}]  # fmt: skip
-    suffix = "" if quantization.kv_bits is None else f" int{quantization.kv_bits}"
-
-    def leank_cache(masks: LeanKMasks) -> LeanKCache:
-        return LeanKCache(masks, model, kv_bits=quantization.kv_bits, q_group_size=quantization.q_group_size)
-
+    suffix = method_suffix(quantization)
+    leank_cache = leank_cache_factory(model, quantization)
     runs = [(ratio, name) for ratio in arguments.keep_ratios for name in methods]
     for ratio, name in tqdm(runs, desc="LeanK evaluation"):
         source = methods[name]
@@ -141,6 +158,16 @@ def evaluate(
         rows.append({"method": name + suffix, "keep_ratio": ratio, "kl": kl, "top1": top1,
                      "retrieval": correct / len(solved) if solved else None})  # fmt: skip
     return rows
+
+
+def method_suffix(quantization: KVQuantization) -> str:
+    """What a method's row name gets for `quantization`: ``" int4"`` for 4-bit middles, nothing unquantized."""
+    return "" if quantization.kv_bits is None else f" int{quantization.kv_bits}"
+
+
+def leank_cache_factory(model: PreTrainedModel, quantization: KVQuantization) -> Callable[[LeanKMasks], LeanKCache]:
+    """A fresh `LeanKCache` for `model` with given masks, storing its middle tokens as `quantization` says."""
+    return lambda masks: LeanKCache(masks, model, kv_bits=quantization.kv_bits, q_group_size=quantization.q_group_size)
 
 
 def standard_methods(

@@ -1,7 +1,9 @@
-"""Showing `evaluate`'s rows: a Markdown table and a PNG of each metric against the keep ratio."""
+"""Showing `evaluate`'s rows (a Markdown table and a PNG of each metric against the keep ratio) and `evaluate_ruler`'s
+(a table and a PNG per family and length)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -56,3 +58,61 @@ def accuracy_png(rows: Sequence[dict[str, Any]]) -> bytes:
         axis.grid(alpha=0.3)
     axes[0].legend()
     return figure_png(figure, dpi=120)
+
+
+def format_ruler_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of `evaluate_ruler` rows: a line per length, method and keep ratio, a column per family. The
+    full cache's cells give the tasks it solves ("k/n"); a method's the share of those it solves too, and the count."""
+    families = list(dict.fromkeys(row["family"] for row in rows))
+    lines = ["| tokens | method | keep ratio | " + " | ".join(families) + " |", "|---" * (3 + len(families)) + "|"]
+    by_line: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_line.setdefault((row["tokens"], row["method"], row["keep_ratio"]), {})[row["family"]] = row
+    for (tokens, method, ratio), cells in by_line.items():
+        lines.append(f"| {tokens} | {method} | {ratio:.2f} | " + " | ".join(_ruler_cell(cells.get(f)) for f in families)
+                     + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _ruler_cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    if "full_cache_solved" in row:
+        return row["full_cache_solved"]
+    return "n/a" if row["kept"] is None else f"{row['kept']:.2f} ({row['solved']}/{row['tasks']})"
+
+
+def plot_ruler(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Write `ruler_png` to `path` (atomically)."""
+    atomic_write_bytes(path, ruler_png(rows))
+
+
+def ruler_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    """PNG bytes: for each length (a row of panels) and family (a column), the share of the full cache's solved
+    tasks each method keeps against the keep ratio (on a `Figure` of its own, as `accuracy_png`)."""
+    from matplotlib.figure import Figure
+
+    lengths = list(dict.fromkeys(row["tokens"] for row in rows))
+    families = list(dict.fromkeys(row["family"] for row in rows))
+    methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m != FULL_CACHE]
+    figure = Figure(figsize=(2.8 * len(families), 2.6 * len(lengths)), layout="constrained")
+    axes = figure.subplots(len(lengths), len(families), squeeze=False, sharey=True)
+    for (i, tokens), (j, family) in itertools.product(enumerate(lengths), enumerate(families)):
+        axis = axes[i][j]
+        here = [row for row in rows if row["tokens"] == tokens and row["family"] == family]
+        for method in methods:
+            mine = [r for r in here if r["method"] == method and r["kept"] is not None]
+            points = sorted((r["keep_ratio"], r["kept"]) for r in mine)
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+        axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=FULL_CACHE)
+        full = next((r["full_cache_solved"] for r in here if r["method"] == FULL_CACHE), "?")
+        axis.set(title=f"{family}, {tokens} tokens\n(full cache solves {full})", ylim=(-0.05, 1.05))
+        axis.title.set_fontsize(9)
+        axis.grid(alpha=0.3)
+        if i == len(lengths) - 1:
+            axis.set_xlabel("key channels kept")
+        if j == 0:
+            axis.set_ylabel("solved tasks kept")
+    axes[0][0].legend(fontsize=7)
+    return figure_png(figure, dpi=100)

@@ -11,7 +11,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from ..checks import check_range
-from ..eval.retrieval import TRAINING_EXAMPLES, TRAINING_LENGTHS, check_lengths, make_retrieval_dataset
+from ..eval.retrieval import MIXTURES, TRAINING_EXAMPLES, TRAINING_LENGTHS, check_lengths, make_retrieval_dataset
 from ..masks.hub import as_hub_id
 from ..masks.leank_masks import LeanKMasks
 from ..windows import DEFAULT_WINDOWS, WindowConfig
@@ -52,6 +52,14 @@ class MaskLearningArguments:
         },
     )
     examples: int = field(default=TRAINING_EXAMPLES, metadata={"help": "retrieval examples in the training set"})
+    mixture: str = field(
+        default="ruler",
+        metadata={
+            "help": "training tasks: ruler (RULER-style task families in Alice and As You Like It) or facts (the "
+            "shipped SmolLM2 masks' data: key-value facts in Alice)",
+            "choices": list(MIXTURES),
+        },
+    )
     stage1_steps: int = field(
         default=LeanKMaskCallback.stage1_steps, metadata={"help": "steps of continuous scales (paper: 2000)"}
     )
@@ -90,6 +98,8 @@ class MaskLearningArguments:
         self.callback()  # checks keep_ratio, align, the stages' steps, l1_weight and stage2_learning_rate
         WindowConfig(self.sink, self.recent)  # checks sink and recent
         check_lengths(self.lengths)
+        if self.mixture not in MIXTURES:
+            raise ValueError(f"mixture must be one of {', '.join(MIXTURES)}, got {self.mixture!r}")
         check_range(self.learning_rate, 0, name="learning_rate", low_open=True)
         for name in ("examples", "batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
             check_range(getattr(self, name), 0, name=name, low_open=True, integer=True)
@@ -130,9 +140,11 @@ def train_masks(
     learner = prepare_for_mask_learning(
         model, sink=arguments.sink, recent=arguments.recent, base_model=arguments.base_model
     )
-    lengths, examples, seed = tuple(arguments.lengths), arguments.examples, arguments.seed
-    learner.training_record = {"data": f"make_retrieval_dataset(lengths={lengths}, n={examples}, seed={seed})"}
-    data = make_retrieval_dataset(tokenizer, lengths=lengths, n=examples, seed=seed)
+    lengths, examples, seed, mixture = tuple(arguments.lengths), arguments.examples, arguments.seed, arguments.mixture
+    learner.training_record = {
+        "data": f"make_retrieval_dataset(lengths={lengths}, n={examples}, seed={seed}, mixture={mixture!r})"
+    }
+    data = make_retrieval_dataset(tokenizer, lengths=lengths, n=examples, seed=seed, mixture=mixture)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=arguments.stage1_steps + arguments.stage2_steps,

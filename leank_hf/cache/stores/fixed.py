@@ -18,11 +18,12 @@ from .growable import GrowableStore
 class FixedStore(LeanKStore):
     """A `LeanKStore` made from a prefilled `GrowableStore`, whose decode steps change no shape and no host value.
 
-    Its middle stores have a slot for every token up to `max_cache_len`, and its window is a ring of `recent +
-    block_size` slots. Every token is written on arrival to both, at full width into its ring slot and on its kept
-    channels into its middle slot, and attention counts it as a middle token once it has left the window, which
-    tokens do `block_size` at a time exactly as in a `GrowableStore`: the attention is the same, step for step. Only
-    two device scalars change from step to step: `tokens` (the next token's position) and the stored middle length.
+    Its middle (a `FixedMiddle`, the fixed-size sibling of the prefill's) has a slot for every token up to
+    `max_cache_len`, and its window is a ring of `recent + block_size` slots. Every token is written on arrival to its
+    ring slot at full width, and reaches its middle slot before it leaves the window (`FixedMiddle.record`); attention
+    counts it as a middle token once it has left, which tokens do `block_size` at a time exactly as in a
+    `GrowableStore`: the attention is the same, step for step. Only two device scalars change from step to step:
+    `tokens` (the next token's position) and the stored middle length.
 
     It needs, from the prefill, every row's sink full and no padding in the window (prompts of at least `sink + recent
     + block_size` real tokens always have both); then one token per step (no chunked prefill or assisted decoding),

@@ -21,10 +21,10 @@ _STORE_VERSIONS = itertools.count()
 class GrowableStore(LeanKStore):
     """A `LeanKStore` whose tensors grow as tokens come: a `RecentWindow` in front of a `SinkAndMiddle`.
 
-    Each step's tokens join the window as attention reads them; whenever the window is full, all but its latest
-    `recent` tokens move on, a row's first `sink` real ones to its sink and the others to the pruned middle. Lengths
-    are host ints, so every step may have any number of tokens, and a step can be rolled back while its tokens are
-    still in the window.
+    Each step's tokens join the window as attention reads them; whenever the window is full, its oldest tokens move on
+    in whole blocks (`RecentWindow`), a row's first `sink` real ones to its sink and the others to the pruned middle.
+    Lengths are host ints, so every step may have any number of tokens, and a step can be rolled back while its tokens
+    are still in the window.
 
     Args:
         like: this layer's first keys `[B, H, Q, D]`, for the stores' batch, geometry, dtype and device.
@@ -90,12 +90,12 @@ class GrowableStore(LeanKStore):
         self.settle()
 
     def settle(self) -> None:
-        """After a step: once the window holds `recent + block_size` tokens, all but its latest `recent` leave it."""
+        """After a step: once the window holds `recent + block_size` tokens, its oldest leave it in whole blocks."""
         window = self.window
         if window.length < window.capacity:
             return
         self._flush(*window.leaving())
-        if window.keep_recent():
+        if window.drop_leaving():
             self._stores_changed()
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:

@@ -25,11 +25,10 @@ class QuantizedMiddle(Middle):
     value codes `values` `[B, Hv, M, D * bits / 8]` with `value_scales`/`value_zeros` `[B, Hv, M, D / q_group_size]`.
 
     Key blocks are aligned to columns: block `i` holds columns `[i * block_size, (i + 1) * block_size)`. The first
-    tokens stored start `(-n) % block_size` columns in (flagged as no row's), so that they end on a block boundary:
-    decoding's flushes then fill whole blocks, and a `FixedStore` made after the prefill continues the same grid.
-    Tokens that end inside a block (a chunked prefill's, say) keep their kept key channels in the model's dtype
-    (`tail_keys`, fewer than `block_size` tokens) until the block fills, so that it can be quantized again with the
-    tokens that join it: a block's scales always span all of its tokens.
+    tokens stored start `(-n) % block_size` columns in (flagged as no row's), so that they end on a block boundary;
+    later tokens come in whole blocks (the window lets tokens go in whole blocks, and `SinkAndMiddle` then stores every
+    column), so every block is quantized once, with all its tokens, and a `FixedStore` made after the prefill
+    continues the same grid.
 
     Args:
         layout: the layer's `ChannelLayout`.
@@ -60,7 +59,6 @@ class QuantizedMiddle(Middle):
         self.values = empty(batch, rows, 0, packed_width(head_dim, self.bits), dtype=torch.uint8)
         self.value_scales = empty(batch, rows, 0, head_dim // self.group_size)
         self.value_zeros = empty(batch, rows, 0, head_dim // self.group_size)
-        self.tail_keys = like.new_empty(layout.middle_key_shape(batch, 0))  # kept keys of columns [M - M % bs, M)
 
     def _first_column(self, count: int) -> int:
         return self.columns if self.columns else -count % self.block_size
@@ -75,35 +73,36 @@ class QuantizedMiddle(Middle):
             setattr(self, name, grown(getattr(self, name), 2, columns, capacity))
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, start: int, end: int) -> None:
-        """Values token by token; keys from the start of the block that holds `start` (its earlier tokens are the
-        `tail_keys`), in steps of whole blocks."""
+        """Quantize in steps of whole blocks, from the block boundary at or before `start` (the first tokens' front
+        padding holds zeros, flagged as no row's)."""
         block = self.block_size
-        step = -(-_QUANTIZE_TOKENS // block) * block
-        for name in ("values", "value_scales", "value_zeros"):  # front padding: finite, as attention reads it
-            getattr(self, name)[:, :, self.columns : start] = 0
-        value_rows = values.index_select(1, self.layout.value_heads)
-        for low in range(start, end, step):
-            high = min(low + step, end)
-            quantized = quantize_values(value_rows[:, :, low - start : high - start], self.bits, self.group_size,
-                                        self.valid[:, None, low:high])  # fmt: skip
-            self.values[:, :, low:high] = quantized.data
-            self.value_scales[:, :, low:high] = quantized.scales
-            self.value_zeros[:, :, low:high] = quantized.zeros
         first = start // block * block
-        tail = self.tail_keys  # the stored columns [first, start)
-        if tail.shape[2] < start - first:  # the first tokens: before them, only the front padding
-            tail = tail.new_zeros(*tail.shape[:2], start - first, tail.shape[3])
+        if first != start and self.columns:
+            raise RuntimeError(
+                f"tokens appended to a quantized middle at column {start} start inside a key block of {block}: after "
+                "the first tokens, the window lets tokens go in whole blocks"
+            )
+        for name in ("values", "value_scales", "value_zeros"):  # front padding: finite, as attention reads it
+            getattr(self, name)[:, :, first:start] = 0
+        step = -(-_QUANTIZE_TOKENS // block) * block
+        value_rows = values.index_select(1, self.layout.value_heads)
         for low in range(first, end, step):
             high = min(low + step, end)
-            kept = self.layout.pruned_keys(keys[:, :, max(low, start) - start : high - start])
-            if low < start:
-                kept = torch.cat([tail, kept], dim=2)
-            quantized = quantize_keys(kept, self.bits, block, self.valid[:, None, low:high])
-            self.keys[:, :, low:high] = quantized.data
-            self.key_scales[:, :, low // block : -(-high // block)] = quantized.scales
-            self.key_zeros[:, :, low // block : -(-high // block)] = quantized.zeros
-            if high == end:
-                self.tail_keys = kept[:, :, end // block * block - low :].clone()
+            new = max(low, start)  # the first of these columns with a new token
+            part = slice(new - start, high - start)
+            kept = self.layout.pruned_keys(keys[:, :, part])
+            if new > low:
+                kept = torch.cat([kept.new_zeros(*kept.shape[:2], new - low, kept.shape[3]), kept], dim=2)
+            quantized_keys = quantize_keys(kept, self.bits, block, self.valid[:, None, low:high])
+            self.keys[:, :, low:high] = quantized_keys.data
+            self.key_scales[:, :, low // block : -(-high // block)] = quantized_keys.scales
+            self.key_zeros[:, :, low // block : -(-high // block)] = quantized_keys.zeros
+            quantized_values = quantize_values(
+                value_rows[:, :, part], self.bits, self.group_size, self.valid[:, None, new:high]
+            )
+            self.values[:, :, new:high] = quantized_values.data
+            self.value_scales[:, :, new:high] = quantized_values.scales
+            self.value_zeros[:, :, new:high] = quantized_values.zeros
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Wrap]:
         columns, blocks = self.columns, -(-self.columns // self.block_size)
@@ -120,12 +119,12 @@ class QuantizedMiddle(Middle):
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("keys", "key_scales", "key_zeros", "values", "value_scales", "value_zeros", "valid", "tail_keys")
+        names = ("keys", "key_scales", "key_zeros", "values", "value_scales", "value_zeros", "valid")
         return {name: getattr(self, name) for name in names}
 
     def bytes_held(self) -> tuple[int, int, int]:
         return (
-            held_bytes(self.keys, self.key_scales, self.key_zeros, self.tail_keys),
+            held_bytes(self.keys, self.key_scales, self.key_zeros),
             held_bytes(self.values, self.value_scales, self.value_zeros),
             held_bytes(self.valid),
         )
@@ -137,7 +136,6 @@ class QuantizedMiddle(Middle):
             sum(live_bytes(t, 2, columns) for t in per_column)
             + sum(live_bytes(t, 2, blocks) for t in (self.key_scales, self.key_zeros))
             + live_bytes(self.valid, 1, columns)
-            + held_bytes(self.tail_keys)
         )
 
 

@@ -63,7 +63,9 @@ class SinkAndMiddle:
             self.sink_slots = sink_slots
         if not any_middle:
             return
-        # Leading columns that are sink or padding in every row are not stored.
+        # Leading columns that are sink or padding in every row are not stored, before the first middle tokens (later,
+        # tokens leave the window in whole blocks, which a quantized middle's key blocks line up with).
+        first = first if self.middle.columns == 0 else 0
         self._append_middle(keys[:, :, first:], values[:, :, first:], to_middle[:, first:])
         self.middle_has_holes = self.middle_has_holes or bool(hole)
 

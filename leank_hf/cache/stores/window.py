@@ -14,9 +14,11 @@ class RecentWindow:
     """A growable store's recent window: its tokens sit at the front of `keys`, `values` `[B, H, W, D]` and `valid`
     `[B, W]` (False for padding), `length` of them.
 
-    Tokens arrive at its end (`open`, after which the caller writes them). Once it holds `recent + block_size`, all but
-    the latest `recent` leave it together (`leaving`, then `keep_recent`), so the stores behind it change once every
-    `block_size` decode steps; between steps it holds fewer than `recent + block_size`.
+    Tokens arrive at its end (`open`, after which the caller writes them). Once it holds `recent + block_size`, its
+    oldest tokens leave it together in whole blocks of `block_size`, as many as leave at least `recent` (`leaving`,
+    then `drop_leaving`): the window starts on a block boundary, so the stores behind it change once every
+    `block_size` decode steps, always by whole blocks; between steps it holds `recent` to `recent + block_size - 1`
+    tokens (fewer until the first tokens leave, or after a crop).
 
     The buffers grow only as far as the rows need: while no token has left (a short row, all window) by 1/16, as a
     `DynamicLayer` would hold about as much; once tokens have left, to `recent + block_size` slots at once, after which
@@ -70,40 +72,48 @@ class RecentWindow:
             )  # fmt: skip
         return view
 
+    def leaving_count(self, length: int) -> int:
+        """How many of `length` tokens in the window leave it: none below `recent + block_size`, else the most whole
+        blocks that leave at least `recent`."""
+        if length < self.capacity:
+            return 0
+        block = self.capacity - self.recent
+        return (length - self.recent) // block * block
+
     def pass_through(self, count: int) -> int:
         """How many of `count` tokens arriving together (a prompt) go straight to the stores behind the window: into an
-        empty window, all but the latest `recent` once they would fill it, so a long prompt is never copied into the
+        empty window, those that would leave it at once (`leaving_count`), so a long prompt is never copied into the
         window first (less time, and less memory at the prefill's peak)."""
-        if self.length or count < self.capacity:
-            return 0
-        self.tokens_left = True
-        return count - self.recent
+        leaving = 0 if self.length else self.leaving_count(count)
+        self.tokens_left = self.tokens_left or leaving > 0
+        return leaving
 
     def leaving(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The tokens that leave a full window, all but its latest `recent`: keys, values (slices to store elsewhere
-        before `keep_recent`) and flags, None when every one is real."""
-        leaving = self.length - self.recent
+        """The tokens that leave a full window (`leaving_count`): keys, values (slices to store elsewhere before
+        `drop_leaving`) and flags, None when every one is real."""
+        leaving = self.leaving_count(self.length)
         all_real = self.real_run >= self.length
         self.tokens_left = True
         return self.keys[:, :, :leaving], self.values[:, :, :leaving], None if all_real else self.valid[:, :leaving]
 
-    def keep_recent(self) -> bool:
-        """Move the latest `recent` tokens to the front, in buffers no larger than the window needs between steps (a
-        long chunked-prefill step may have grown them). True when the buffers were replaced."""
-        leaving = self.length - self.recent
+    def drop_leaving(self) -> bool:
+        """Move the tokens that stay (after `leaving`) to the front, in buffers no larger than the window needs between
+        steps (a long chunked-prefill step may have grown them). True when the buffers were replaced."""
+        leaving = self.leaving_count(self.length)
+        staying = self.length - leaving
         shrinks = self.keys.shape[2] > self.capacity
 
         def kept(tensor: torch.Tensor, axis: int) -> torch.Tensor:
-            latest = tensor.narrow(axis, leaving, self.recent).clone()
+            latest = tensor.narrow(axis, leaving, staying).clone()
             if shrinks:
                 shape = list(tensor.shape)
                 shape[axis] = self.capacity
                 tensor = tensor.new_empty(shape)
-            tensor.narrow(axis, 0, self.recent).copy_(latest)
+            tensor.narrow(axis, 0, staying).copy_(latest)
             return tensor
 
         self.keys, self.values, self.valid = kept(self.keys, 2), kept(self.values, 2), kept(self.valid, 1)
-        self.length = self.recent
+        self.length = staying
         if shrinks:
             self._views = {}
         return shrinks
